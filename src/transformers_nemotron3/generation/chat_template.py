@@ -103,7 +103,8 @@ def render_tool_call(tool_call: Mapping[str, Any]) -> str:
     name = fn.get("name")
     if not name:
         raise ValueError(f"tool call {dict(tool_call)!r} has no function name; set function.name")
-    args = fn.get("arguments") or {}
+    args = fn.get("arguments")
+    args = {} if args is None else args
     if not isinstance(args, Mapping):
         raise ValueError(
             f"tool call {name!r} has arguments of type {type(args).__name__}; pass a dict "

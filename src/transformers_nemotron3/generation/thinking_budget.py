@@ -25,18 +25,20 @@ from transformers import LogitsProcessor
 __all__ = ["ThinkingBudgetLogitsProcessor"]
 
 
-def _find_last(sequence: list[int], pattern: Sequence[int]) -> int:
+def _find_last(sequence: list[int], pattern: list[int]) -> int:
     """Index just after the last occurrence of ``pattern`` in ``sequence``, or -1."""
-    n = len(pattern)
+    n, first = len(pattern), pattern[0]
     for end in range(len(sequence), n - 1, -1):
-        if sequence[end - n : end] == list(pattern):
+        if sequence[end - n] == first and sequence[end - n : end] == pattern:
             return end
     return -1
 
 
-def _contains(sequence: list[int], pattern: Sequence[int]) -> bool:
-    n = len(pattern)
-    return any(sequence[i : i + n] == list(pattern) for i in range(len(sequence) - n + 1))
+def _contains(sequence: list[int], pattern: list[int]) -> bool:
+    n, first = len(pattern), pattern[0]
+    return any(
+        sequence[i] == first and sequence[i : i + n] == pattern for i in range(len(sequence) - n + 1)
+    )
 
 
 class ThinkingBudgetLogitsProcessor(LogitsProcessor):
