@@ -195,3 +195,28 @@ def test_render_chat_token_ids_match_apply_chat_template(tokenizer):
     expected = tokenizer.encode(render_chat(MULTI_TURN, add_generation_prompt=True), add_special_tokens=False)
     assert ids == expected
     assert tokenizer.convert_tokens_to_ids("<think>") in ids
+
+
+@pytest.mark.parametrize("enable_thinking", [True, False])
+@pytest.mark.parametrize("truncate", [True, False])
+@pytest.mark.parametrize("effort", [{}, {"low_effort": True}, {"medium_effort": True}])
+@pytest.mark.parametrize("conversation", ["multi", "tools"])
+def test_python_and_jinja_agree_for_every_flag_combination(tokenizer, enable_thinking, truncate, effort, conversation):
+    messages, tools = (MULTI_TURN, None) if conversation == "multi" else (TOOL_CONVERSATION, [WEATHER_TOOL])
+    for add_generation_prompt in (False, True):
+        render_both(
+            tokenizer,
+            messages,
+            tools=tools,
+            enable_thinking=enable_thinking,
+            truncate_history_thinking=truncate,
+            add_generation_prompt=add_generation_prompt,
+            **effort,
+        )
+
+
+def test_assistant_tokens_mask_covers_assistant_bodies_only(tokenizer):
+    # The template marks assistant output with {% generation %} for assistant-only SFT loss.
+    out = tokenizer.apply_chat_template(MULTI_TURN, return_assistant_tokens_mask=True, return_dict=True)
+    kept = [i for i, keep in zip(out["input_ids"], out["assistant_masks"]) if keep]
+    assert tokenizer.decode(kept) == "<think></think>7<|im_end|><think>\n7 * 2 = 14\n</think>\n14<|im_end|>"

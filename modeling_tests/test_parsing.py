@@ -141,3 +141,10 @@ def test_round_trip_from_generation_prompt(message):
     generated = rendered[len(prompt) :]
     parsed = parse_assistant_output(generated, enable_thinking=thinking, tools=TOOLS)
     assert parsed.to_message() == message
+
+
+def test_thinking_off_output_with_a_tool_call():
+    text = "Sure.\n<tool_call>\n<function=lookup>\n<parameter=limit>\n2\n</parameter>\n</function>\n</tool_call>\n<|im_end|>"
+    parsed = parse_assistant_output(text, enable_thinking=False, tools=TOOLS)
+    assert (parsed.reasoning, parsed.content) == ("", "Sure.")
+    assert parsed.tool_calls == [ToolCall("lookup", {"limit": 2})]

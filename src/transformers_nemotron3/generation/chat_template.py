@@ -316,7 +316,9 @@ NEMOTRON3_CHAT_TEMPLATE = (
 {%- else -%}
 {%- set body = '<think></think>' + content -%}
 {%- endif -%}
-{{- '<|im_start|>assistant\n' + body -}}
+{{- '<|im_start|>assistant\n' -}}
+{%- generation -%}
+{{- body -}}
 {%- if message.tool_calls -%}
 {%- if not body.endswith('\n') -%}{{- '\n' -}}{%- endif -%}
 {%- for call in message.tool_calls -%}
@@ -336,7 +338,9 @@ NEMOTRON3_CHAT_TEMPLATE = (
 {{- '</function>\n</tool_call>\n' -}}
 {%- endfor -%}
 {%- endif -%}
-{{- '<|im_end|>\n' -}}
+{{- '<|im_end|>' -}}
+{%- endgeneration -%}
+{{- '\n' -}}
 {%- else -%}
 {%- if loop.first or loop.previtem.role != 'tool' -%}{{- '<|im_start|>user\n' -}}{%- endif -%}
 {{- '<tool_response>\n' + content + '\n</tool_response>\n' -}}
