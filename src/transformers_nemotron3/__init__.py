@@ -1,3 +1,29 @@
-"""transformers-nemotron3: NVIDIA Nemotron 3 for the Hugging Face stack."""
+"""transformers-nemotron3: NVIDIA Nemotron 3 (hybrid Mamba-2 / attention MoE) for the Hugging Face stack.
+
+Importing the package registers ``model_type="nemotron3"`` with transformers' Auto classes.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .modeling import (
+    Nemotron3Config,
+    Nemotron3ForCausalLM,
+    Nemotron3HybridCache,
+    Nemotron3Model,
+    Nemotron3PreTrainedModel,
+)
 
 __version__ = "0.1.0"
+
+AutoConfig.register("nemotron3", Nemotron3Config, exist_ok=True)
+AutoModel.register(Nemotron3Config, Nemotron3Model, exist_ok=True)
+AutoModelForCausalLM.register(Nemotron3Config, Nemotron3ForCausalLM, exist_ok=True)
+
+__all__ = [
+    "Nemotron3Config",
+    "Nemotron3Model",
+    "Nemotron3ForCausalLM",
+    "Nemotron3PreTrainedModel",
+    "Nemotron3HybridCache",
+    "__version__",
+]

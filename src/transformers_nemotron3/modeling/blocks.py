@@ -1,0 +1,74 @@
+"""The pre-norm residual block of Nemotron 3: ``h = h + mixer(RMSNorm(h))`` with one mixer per layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import Nemotron3Attention
+from .mamba2 import Nemotron3Mamba2Mixer
+from .moe import Nemotron3MLP, Nemotron3MoE
+
+try:  # transformers' checkpointing-aware layer base (present in all 5.x releases)
+    from transformers.modeling_layers import GradientCheckpointingLayer as _BlockBase
+except ImportError:  # pragma: no cover
+    _BlockBase = nn.Module
+
+
+class Nemotron3RMSNorm(nn.Module):
+    """RMSNorm in fp32 with the weight multiplied in fp32, then cast back (as the reference code does)."""
+
+    def __init__(self, size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * x).to(dtype)
+
+
+class Nemotron3Block(_BlockBase):
+    """One layer: RMSNorm, then the mixer named by its pattern character, then the residual add."""
+
+    def __init__(self, config, layer_idx: int, block_type: str) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.block_type = block_type
+        self.norm = Nemotron3RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        if block_type == "mamba":
+            self.mixer = Nemotron3Mamba2Mixer(config, layer_idx)
+        elif block_type == "attention":
+            self.mixer = Nemotron3Attention(config, layer_idx)
+        elif block_type == "moe":
+            self.mixer = Nemotron3MoE(config, layer_idx)
+        elif block_type == "mlp":
+            self.mixer = Nemotron3MLP(config.hidden_size, config.intermediate_size, config.mlp_hidden_act,
+                                      config.mlp_bias)
+        else:  # the config validates block types; this is an invariant
+            raise AssertionError(block_type)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache=None,
+        attn_mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        padding_mask_2d: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        x = self.norm(hidden_states)
+        if self.block_type == "mamba":
+            x = self.mixer(x, cache=cache, padding_mask=padding_mask, seq_idx=seq_idx)
+        elif self.block_type == "attention":
+            x = self.mixer(x, cache=cache, mask=attn_mask, position_ids=position_ids, padding_mask_2d=padding_mask_2d)
+        else:
+            x = self.mixer(x)
+        return residual + x
+
+
+__all__ = ["Nemotron3Block", "Nemotron3RMSNorm"]

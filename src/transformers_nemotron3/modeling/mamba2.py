@@ -1,0 +1,217 @@
+"""The Mamba-2 mixer of Nemotron 3 (`M` layers).
+
+in_proj -> split z | xBC | dt -> depthwise causal conv + SiLU on xBC -> split x | B | C ->
+SSD scan (chunked for prefill, one step for decode) -> gated grouped RMSNorm with z -> out_proj.
+
+Fast kernels (mamba_ssm, causal_conv1d) are used when importable and the tensors are on CUDA;
+everything else runs the plain PyTorch path in `ssd.py`, which is what the CPU tests check.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ssd import ssd_chunked, ssd_step
+
+logger = logging.getLogger(__name__)
+
+try:  # optional CUDA kernels; the PyTorch path is always available
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update as _kernel_state_update
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _kernel_chunk_scan
+except Exception:  # noqa: BLE001 - any import failure means "no kernels"
+    _kernel_chunk_scan = _kernel_state_update = None
+try:
+    from causal_conv1d import causal_conv1d_fn as _kernel_conv1d
+except Exception:  # noqa: BLE001
+    _kernel_conv1d = None
+
+_warned_fallback = False
+
+
+def use_kernels(tensor: torch.Tensor, enabled: bool) -> bool:
+    """True when the mamba_ssm kernels can run on this tensor; warns once when CUDA runs without them."""
+    global _warned_fallback
+    if not enabled or tensor.device.type != "cuda":
+        return False
+    if _kernel_chunk_scan is None:
+        if not _warned_fallback:
+            logger.warning("mamba_ssm is not installed: Mamba-2 layers use the PyTorch scan on CUDA (slower).")
+            _warned_fallback = True
+        return False
+    return True
+
+
+class GatedRMSNorm(nn.Module):
+    """``rmsnorm(y * silu(z))`` normalised separately over each of ``n_groups`` channel groups."""
+
+    def __init__(self, size: int, n_groups: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.group_size = size // n_groups
+        self.eps = eps
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        y = y.float() * F.silu(z.float())
+        shape = y.shape
+        y = y.view(*shape[:-1], -1, self.group_size)
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * y.view(shape)).to(out_dtype)
+
+
+def causal_conv(
+    xbc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prefix: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+) -> torch.Tensor:
+    """Depthwise causal conv over [b, channels, l]; ``prefix`` [b, channels, k-1] are earlier inputs.
+
+    With ``seq_idx`` a window never reaches into the previous packed sequence.
+    """
+    k = weight.shape[-1]
+    length = xbc.shape[-1]
+    if prefix is None:
+        full = F.pad(xbc, (k - 1, 0))
+    else:
+        full = torch.cat([prefix.to(xbc.dtype), xbc], dim=-1)
+    if seq_idx is None:
+        out = F.conv1d(full, weight.unsqueeze(1).to(xbc.dtype), None, groups=xbc.shape[1])
+    else:
+        out = torch.zeros_like(xbc)
+        for shift in range(k):  # tap `shift` looks back k-1-shift positions
+            back = k - 1 - shift
+            tap = full[..., shift : shift + length]
+            if back:
+                same = torch.zeros_like(seq_idx, dtype=torch.bool)
+                same[:, back:] = seq_idx[:, back:] == seq_idx[:, :-back]
+                tap = tap * same[:, None, :]
+            out = out + tap * weight[:, shift].to(xbc.dtype)[None, :, None]
+    if bias is not None:
+        out = out + bias.to(out.dtype)[None, :, None]
+    return out
+
+
+class Nemotron3Mamba2Mixer(nn.Module):
+    """Mamba-2 mixer with grouped B/C, gated grouped RMSNorm and a fp32 SSM state."""
+
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.mamba_num_heads
+        self.head_dim = config.mamba_head_dim
+        self.n_groups = config.n_groups
+        self.state_size = config.ssm_state_size
+        self.intermediate_size = config.mamba_intermediate_size
+        self.conv_dim = config.mamba_conv_dim
+        self.conv_kernel = config.conv_kernel
+        self.chunk_size = config.chunk_size
+        self.time_step_limit = tuple(config.time_step_limit)
+        self.use_kernels = bool(config.use_mamba_kernels)
+        proj = self.intermediate_size + self.conv_dim + self.num_heads
+        self.in_proj = nn.Linear(config.hidden_size, proj, bias=config.use_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.conv_kernel, groups=self.conv_dim,
+                                padding=self.conv_kernel - 1, bias=config.use_conv_bias)
+        self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        self.norm = GatedRMSNorm(self.intermediate_size, self.n_groups, config.layer_norm_epsilon)
+        self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.use_bias)
+
+    def _dt(self, dt: torch.Tensor) -> torch.Tensor:
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        lo, hi = self.time_step_limit
+        if lo > 0.0 or hi != float("inf"):
+            dt = dt.clamp(lo, hi)
+        return dt
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache=None,
+        padding_mask: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_states [b, l, d]; padding_mask [b, l] bool (True = real token); cache: a layer state."""
+        b, length, _ = hidden_states.shape
+        dtype = hidden_states.dtype
+        if padding_mask is not None:
+            hidden_states = hidden_states * padding_mask[..., None].to(dtype)
+        zxbcdt = self.in_proj(hidden_states)
+        z, xbc, dt = zxbcdt.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        state = cache.get(self.layer_idx) if cache is not None else None
+
+        if state is not None and state.has_previous and length == 1:
+            y = self._decode_step(z, xbc, dt, A, state)
+        else:
+            y = self._scan(z, xbc, dt, A, state, padding_mask, seq_idx)
+        return self.out_proj(self.norm(y, z, dtype))
+
+    # ------------------------------------------------------------------ prefill / training
+    def _scan(self, z, xbc, dt, A, state, padding_mask, seq_idx) -> torch.Tensor:
+        b, length, _ = xbc.shape
+        xbc_t = xbc.transpose(1, 2)
+        prefix = state.conv[..., 1:] if (state is not None and state.has_previous) else None
+        initial = state.ssm if (state is not None and state.has_previous) else None
+        if state is not None:  # keep the last k inputs for the next step
+            hist = xbc_t if prefix is None else torch.cat([prefix.to(xbc_t.dtype), xbc_t], dim=-1)
+            hist = F.pad(hist, (max(0, self.conv_kernel - hist.shape[-1]), 0))
+            state.conv.copy_(hist[..., -self.conv_kernel :])
+        fast = use_kernels(xbc, self.use_kernels)
+        if fast and _kernel_conv1d is not None and prefix is None:
+            conv = _kernel_conv1d(xbc_t.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                  seq_idx=seq_idx.int() if seq_idx is not None else None, activation=None)
+        else:
+            conv = causal_conv(xbc_t, self.conv1d.weight.squeeze(1), self.conv1d.bias, prefix, seq_idx)
+        xbc = F.silu(conv).transpose(1, 2)
+        if padding_mask is not None:
+            xbc = xbc * padding_mask[..., None].to(xbc.dtype)
+        x, B, C = xbc.split([self.intermediate_size, self.n_groups * self.state_size,
+                             self.n_groups * self.state_size], dim=-1)
+        x = x.reshape(b, length, self.num_heads, self.head_dim)
+        B = B.reshape(b, length, self.n_groups, self.state_size)
+        C = C.reshape(b, length, self.n_groups, self.state_size)
+        if fast:
+            y, final = _kernel_chunk_scan(
+                x, dt, A, B, C, self.chunk_size, D=self.D.float(), dt_bias=self.dt_bias.float(), dt_softplus=True,
+                dt_limit=self.time_step_limit, initial_states=initial,
+                seq_idx=seq_idx.int() if seq_idx is not None else None, return_final_states=True,
+            )
+        else:
+            y, final = ssd_chunked(x, self._dt(dt), A, B, C, self.chunk_size, D=self.D, initial_state=initial,
+                                   seq_idx=seq_idx)
+        if state is not None:
+            state.ssm.copy_(final.to(state.ssm.dtype))
+            state.has_previous = True
+        return y.reshape(b, length, self.intermediate_size)
+
+    # ------------------------------------------------------------------ decode
+    def _decode_step(self, z, xbc, dt, A, state) -> torch.Tensor:
+        b = xbc.shape[0]
+        conv_state = state.conv
+        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+        conv_state[..., -1] = xbc[:, 0].to(conv_state.dtype)
+        w = self.conv1d.weight.squeeze(1)
+        conv = (conv_state.to(w.dtype) * w).sum(-1)
+        if self.conv1d.bias is not None:
+            conv = conv + self.conv1d.bias
+        xbc = F.silu(conv)
+        x, B, C = xbc.split([self.intermediate_size, self.n_groups * self.state_size,
+                             self.n_groups * self.state_size], dim=-1)
+        x = x.reshape(b, self.num_heads, self.head_dim)
+        B = B.reshape(b, self.n_groups, self.state_size)
+        C = C.reshape(b, self.n_groups, self.state_size)
+        if use_kernels(x, self.use_kernels) and state.ssm.dtype == torch.float32:
+            h, p, n = self.num_heads, self.head_dim, self.state_size
+            y = _kernel_state_update(
+                state.ssm, x, dt[:, 0, :, None].expand(b, h, p), A[:, None, None].expand(h, p, n), B, C,
+                self.D[:, None].expand(h, p), dt_bias=self.dt_bias[:, None].expand(h, p), dt_softplus=True,
+            )
+        else:
+            y = ssd_step(state.ssm, x, self._dt(dt[:, 0]), A, B, C, self.D)
+        return y.reshape(b, 1, self.intermediate_size)
+
+
+__all__ = ["Nemotron3Mamba2Mixer", "GatedRMSNorm", "causal_conv"]

@@ -1,0 +1,209 @@
+"""Mixture-of-Experts of Nemotron 3 (`E` layers): router, token dispatcher, grouped experts, shared expert.
+
+Three seams let code outside the model change how the layer runs without touching it:
+
+- ``Nemotron3MoE.dispatcher``: how routed tokens reach the experts and come back. `LocalDispatcher`
+  sorts token copies by expert; the expert-parallel plugin swaps in an all-to-all dispatcher.
+- ``Nemotron3Experts.gemm(x, weight, counts)``: the grouped GEMM over tokens sorted by expert; the
+  NVFP4 plugin swaps in a quantized version.
+- ``Nemotron3Router.expert_load``: per-expert token counts gathered during training, read by the
+  aux-loss-free bias update (`Nemotron3ForCausalLM.update_expert_bias`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def activation(name: str):
+    """Activation functions by config name (``relu2`` is squared ReLU)."""
+    if name == "relu2":
+        return lambda x: torch.square(F.relu(x))
+    return {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[name]
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Plain grouped GEMM: rows of ``x`` [T, in] sorted by expert, ``weight`` [E, out, in], ``counts`` [E]."""
+    sizes = counts.tolist()
+    outs = [F.linear(chunk, weight[e]) for e, chunk in enumerate(torch.split(x, sizes)) if sizes[e]]
+    if not outs:
+        return x.new_zeros(0, weight.shape[1])
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+class Nemotron3Experts(nn.Module):
+    """Routed experts as 3-D weights: relu² ``down(act(up x))`` or gated ``down(act(gate x) * up x)``."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, act: str, gated: bool) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden)) if gated else None
+        self.act = activation(act)
+        self.gemm = grouped_mm
+
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Apply expert ``e`` to its ``counts[e]`` consecutive rows of ``x_sorted``."""
+        up = self.gemm(x_sorted, self.up_proj, counts)
+        h = self.act(self.gemm(x_sorted, self.gate_proj, counts)) * up if self.gate_proj is not None else self.act(up)
+        return self.gemm(h, self.down_proj, counts)
+
+
+class LocalDispatcher:
+    """Single-device dispatch: copy each token once per chosen expert, sort by expert, weight and sum back."""
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
+        flat = topk_idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token = order // topk_idx.shape[1]
+        counts = torch.bincount(flat, minlength=num_experts)
+        return x[token], counts, (order, token)
+
+    def combine(self, out: torch.Tensor, weights: torch.Tensor, ctx, num_tokens: int) -> torch.Tensor:
+        order, token = ctx
+        out = out.float() * weights.reshape(-1)[order, None]
+        return out.new_zeros(num_tokens, out.shape[1]).index_add_(0, token, out)
+
+
+class Nemotron3Router(nn.Module):
+    """fp32 router: scores, bias for selection only, group-limited top-k, normalised and scaled weights."""
+
+    def __init__(self, config, hidden: int) -> None:
+        super().__init__()
+        self.num_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.scaling = config.routed_scaling_factor
+        self.score_function = config.moe_router_score_function
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, hidden, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+        self.expert_load: torch.Tensor | None = None  # tokens per expert since the last bias update
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> (logits [T, E] fp32, scores [T, E], topk_weights [T, k] fp32, topk_idx [T, k])."""
+        logits = F.linear(x.float(), self.weight.float())
+        if self.score_function == "sigmoid":
+            scores = logits.sigmoid()
+        elif self.score_function == "softmax":
+            scores = logits.softmax(dim=-1)
+        else:  # topk_softmax: choose on logits, softmax over the chosen k
+            scores = logits
+        choice = scores + self.e_score_correction_bias.float()
+        if self.n_group > 1:
+            grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)
+            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1, sorted=False)[1], True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(-1, self.num_experts)
+        topk_idx = choice.topk(self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, topk_idx)
+        if self.score_function == "topk_softmax":
+            weights = weights.softmax(dim=-1)
+            scores = logits.softmax(dim=-1)
+        elif self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * self.scaling
+        if self.training:
+            load = torch.bincount(topk_idx.reshape(-1), minlength=self.num_experts).detach().float()
+            self.expert_load = load if self.expert_load is None else self.expert_load + load
+        return logits, scores, weights, topk_idx
+
+
+class Nemotron3MLP(nn.Module):
+    """Dense non-gated MLP ``down(act(up x))`` (used for `-` layers and the shared expert)."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str, bias: bool) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class Nemotron3GatedMLP(nn.Module):
+    """SwiGLU-style MLP ``down(act(gate x) * up x)`` (shared expert of upcycled Llama-family models)."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str, bias: bool) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def load_balancing_loss(scores: torch.Tensor, topk_idx: torch.Tensor, batch: int, num_experts: int) -> torch.Tensor:
+    """Sequence-level balance loss: mean over sequences of ``E / (k L) * sum_i count_i * mean_t p_i``."""
+    k = topk_idx.shape[-1]
+    probs = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+    probs = probs.view(batch, -1, num_experts)
+    length = probs.shape[1]
+    counts = F.one_hot(topk_idx.view(batch, -1), num_experts).sum(dim=1).float()  # [b, E]
+    f = counts * num_experts / (k * length)
+    return (f * probs.mean(dim=1)).sum(dim=-1).mean()
+
+
+class Nemotron3MoE(nn.Module):
+    """Routed experts (optionally in a latent width) plus a shared expert on the full hidden size."""
+
+    def __init__(self, config, layer_idx: int | None = None) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        latent = config.moe_latent_size
+        width = latent or hidden
+        self.num_experts = config.n_routed_experts
+        self.gate = Nemotron3Router(config, hidden)
+        self.experts = Nemotron3Experts(
+            config.n_routed_experts, width, config.moe_intermediate_size,
+            config.moe_expert_act if config.moe_gated_experts else config.mlp_hidden_act, config.moe_gated_experts,
+        )
+        shared_cls = Nemotron3GatedMLP if config.moe_gated_experts else Nemotron3MLP
+        shared_act = config.moe_expert_act if config.moe_gated_experts else config.mlp_hidden_act
+        self.shared_experts = (
+            shared_cls(hidden, config.moe_shared_expert_intermediate_size, shared_act, config.mlp_bias)
+            if config.n_shared_experts and config.moe_shared_expert_intermediate_size else None
+        )
+        if latent is not None:
+            self.fc1_latent_proj = nn.Linear(hidden, latent, bias=config.mlp_bias)
+            self.fc2_latent_proj = nn.Linear(latent, hidden, bias=config.mlp_bias)
+        else:
+            self.fc1_latent_proj = self.fc2_latent_proj = None
+        self.dispatcher = LocalDispatcher()
+        self.aux_loss_coef = config.moe_aux_loss_coef
+        self.last_router_logits: torch.Tensor | None = None
+        self.last_aux_loss: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        logits, scores, weights, topk_idx = self.gate(x)
+        self.last_router_logits = logits
+        self.last_aux_loss = (
+            load_balancing_loss(scores, topk_idx, shape[0], self.num_experts) * self.aux_loss_coef
+            if self.training and self.aux_loss_coef > 0 else None
+        )
+        routed_in = self.fc1_latent_proj(x) if self.fc1_latent_proj is not None else x
+        x_sorted, counts, ctx = self.dispatcher.dispatch(routed_in, topk_idx, self.num_experts)
+        out = self.experts(x_sorted, counts)
+        routed = self.dispatcher.combine(out, weights, ctx, x.shape[0]).to(hidden_states.dtype)
+        if self.fc2_latent_proj is not None:
+            routed = self.fc2_latent_proj(routed)
+        routed = routed.view(shape)
+        if self.shared_experts is not None:
+            routed = routed + self.shared_experts(hidden_states)
+        return routed
+
+
+__all__ = [
+    "Nemotron3MoE", "Nemotron3Router", "Nemotron3Experts", "Nemotron3MLP", "Nemotron3GatedMLP",
+    "LocalDispatcher", "grouped_mm", "load_balancing_loss", "activation",
+]

@@ -1,0 +1,159 @@
+"""The Mamba-2 state-space scan in plain PyTorch: the chunked SSD algorithm and a step-by-step reference.
+
+Shapes (b batch, l length, h heads, p head dim, g B/C groups, n state size; head ``i`` reads group
+``i // (h // g)``, the mapping of mamba_ssm and of ``repeat_interleave``):
+
+    x [b, l, h, p]   dt [b, l, h] (after softplus and clamp)   A [h] (negative)
+    B, C [b, l, g, n]   D [h]   state [b, h, p, n] (float32)
+
+Recurrence per head: ``S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T`` and ``y_t = S_t C_t + D x_t``.
+``seq_idx`` [b, l] (non-decreasing integers) marks packed sequences: the state restarts at zero
+where ``seq_idx`` changes, so sequences packed into one row never see each other.
+
+`ssd_reference` is the recurrence written literally (slow, for tests). `ssd_chunked` splits the
+sequence into chunks: inside a chunk the output is a masked quadratic form (like attention), and
+only chunk-boundary states travel along the sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _segsum(a: torch.Tensor) -> torch.Tensor:
+    """exp-ready segment sums: out[..., i, j] = sum(a[..., j+1 : i+1]) for i >= j, -inf above the diagonal."""
+    n = a.shape[-1]
+    cs = torch.cumsum(a, dim=-1)
+    out = cs[..., :, None] - cs[..., None, :]
+    mask = torch.ones(n, n, dtype=torch.bool, device=a.device).tril()
+    return out.masked_fill(~mask, float("-inf"))
+
+
+def ssd_chunked(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked SSD scan. Returns ``(y [b, l, h, p] float32, final_state [b, h, p, n] float32)``."""
+    b, length, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    r = h // g
+    x, dt, A, B, C = x.float(), dt.float(), A.float(), B.float(), C.float()
+    pad = (-length) % chunk_size
+    if pad:
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        dt = F.pad(dt, (0, 0, 0, pad))  # dt = 0: no decay and no input on padding
+        B = F.pad(B, (0, 0, 0, 0, 0, pad))
+        C = F.pad(C, (0, 0, 0, 0, 0, pad))
+        if seq_idx is not None:
+            seq_idx = F.pad(seq_idx, (0, pad), value=0)
+            seq_idx[:, length:] = seq_idx[:, length - 1 : length]
+    nc, cs = (length + pad) // chunk_size, chunk_size
+
+    xdt = (x * dt[..., None]).view(b, nc, cs, g, r, p)
+    Bc = B.view(b, nc, cs, g, n)
+    Cc = C.view(b, nc, cs, g, n)
+    dA = (dt * A).view(b, nc, cs, g, r).permute(0, 3, 4, 1, 2)  # [b, g, r, c, cs]
+    A_cum = torch.cumsum(dA, dim=-1)
+
+    # 1. inside each chunk: y_i = sum_{j<=i} (C_i . B_j) exp(A_cum_i - A_cum_j) dt_j x_j
+    L = torch.exp(_segsum(dA))  # [b, g, r, c, i, j]
+    if seq_idx is not None:
+        sc = seq_idx.view(b, nc, cs)
+        same = sc[:, :, :, None] == sc[:, :, None, :]  # [b, c, i, j]
+        L = L * same[:, None, None]
+    CB = torch.einsum("bcign,bcjgn->bgcij", Cc, Bc)
+    y = torch.einsum("bgcij,bgrcij,bcjgrp->bcigrp", CB, L, xdt)
+
+    # 2. each chunk's own contribution to the state at its end
+    decay_to_end = torch.exp(A_cum[..., -1:] - A_cum)  # [b, g, r, c, cs]
+    if seq_idx is not None:
+        decay_to_end = decay_to_end * (sc == sc[:, :, -1:])[:, None, None]
+    chunk_states = torch.einsum("bcjgn,bgrcj,bcjgrp->bcgrpn", Bc, decay_to_end, xdt)
+
+    # 3. states at chunk boundaries: entry 0 is the initial state, entry c+1 the state after chunk c
+    if initial_state is None:
+        init = torch.zeros(b, 1, g, r, p, n, dtype=x.dtype, device=x.device)
+    else:
+        init = initial_state.float().view(b, 1, g, r, p, n)
+    states = torch.cat([init, chunk_states], dim=1)  # [b, c+1, g, r, p, n]
+    chunk_decay = _segsum(F.pad(A_cum[..., -1], (1, 0)))  # [b, g, r, c+1, c+1]
+    transfer = torch.exp(chunk_decay)
+    if seq_idx is not None:
+        owner = torch.cat([sc[:, :1, 0], sc[:, :, -1]], dim=1)  # sequence owning each boundary state
+        transfer = transfer * (owner[:, :, None] == owner[:, None, :])[:, None, None]
+    boundary = torch.einsum("bgrzc,bcgrpn->bzgrpn", transfer, states)
+    start_states, final_state = boundary[:, :-1], boundary[:, -1]
+
+    # 4. contribution of the state entering each chunk
+    decay_in = torch.exp(A_cum)  # [b, g, r, c, cs]
+    if seq_idx is not None:
+        decay_in = decay_in * (sc == owner[:, :-1, None])[:, None, None]
+    y = y + torch.einsum("bcign,bcgrpn,bgrci->bcigrp", Cc, start_states, decay_in)
+
+    y = y.reshape(b, nc * cs, h, p)[:, :length]
+    if D is not None:
+        y = y + x[:, :length] * D.float()[:, None]
+    return y, final_state.reshape(b, h, p, n)
+
+
+def ssd_reference(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence, one token at a time. Same contract as `ssd_chunked`."""
+    b, length, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    Bh = B.float().repeat_interleave(h // g, dim=2)
+    Ch = C.float().repeat_interleave(h // g, dim=2)
+    state = torch.zeros(b, h, p, n) if initial_state is None else initial_state.float().clone()
+    state = state.to(x.device)
+    ys = []
+    for t in range(length):
+        if seq_idx is not None and t > 0:
+            keep = (seq_idx[:, t] == seq_idx[:, t - 1]).float()[:, None, None, None]
+            state = state * keep
+        decay = torch.exp(dt[:, t].float() * A.float())[:, :, None, None]
+        state = decay * state + (dt[:, t, :, None, None].float() * x[:, t, :, :, None].float() * Bh[:, t, :, None, :])
+        y = torch.einsum("bhpn,bhn->bhp", state, Ch[:, t])
+        if D is not None:
+            y = y + D.float()[:, None] * x[:, t].float()
+        ys.append(y)
+    return torch.stack(ys, dim=1), state
+
+
+def ssd_step(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+) -> torch.Tensor:
+    """One decode step, updating ``state`` [b, h, p, n] in place. x [b, h, p], dt [b, h], B/C [b, g, n]."""
+    b, h, p = x.shape
+    g, n = B.shape[1], B.shape[2]
+    r = h // g
+    s = state.view(b, g, r, p, n)
+    xf, dtf = x.float().view(b, g, r, p), dt.float().view(b, g, r)
+    decay = torch.exp(dtf * A.float().view(g, r))
+    s.mul_(decay[..., None, None]).add_((dtf[..., None] * xf)[..., None] * B.float()[:, :, None, None, :])
+    y = torch.einsum("bgrpn,bgn->bgrp", s, C.float()).reshape(b, h, p)
+    return y + D.float()[:, None] * x.float()
+
+
+__all__ = ["ssd_chunked", "ssd_reference", "ssd_step"]
