@@ -22,6 +22,9 @@ The format (Nano / Super flavour, see docs/chat_and_thinking.md):
   ``<|im_start|>assistant\\n<think></think>`` with it off.
 * ``low_effort`` / ``medium_effort`` append ``{reasoning effort: low}`` /
   ``{reasoning effort: efficient}`` to the last user message.
+
+The Jinja version also wraps assistant bodies in ``{% generation %}`` markers (no effect on the
+text) so that ``return_assistant_tokens_mask=True`` works for assistant-only training loss.
 """
 
 from __future__ import annotations
