@@ -153,7 +153,7 @@ class Nemotron3Mamba2Mixer(nn.Module):
     def _scan(self, z, xbc, dt, A, state, padding_mask, seq_idx) -> torch.Tensor:
         b, length, _ = xbc.shape
         xbc_t = xbc.transpose(1, 2)
-        prefix = state.conv[..., 1:] if (state is not None and state.has_previous) else None
+        prefix = state.conv[..., 1:].clone() if (state is not None and state.has_previous) else None
         initial = state.ssm if (state is not None and state.has_previous) else None
         if state is not None:  # keep the last k inputs for the next step
             hist = xbc_t if prefix is None else torch.cat([prefix.to(xbc_t.dtype), xbc_t], dim=-1)
