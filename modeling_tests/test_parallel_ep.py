@@ -1,0 +1,200 @@
+"""Expert parallelism on 2 and 4 gloo CPU processes equals one process (loss, every gathered gradient),
+token dropping equals a loop-based single-process reference of the same policy, and EP checkpoints
+round-trip bit-exactly."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from transformers_nemotron3 import Nemotron3ForCausalLM
+from transformers_nemotron3.modeling.moe import LocalDispatcher
+from transformers_nemotron3.parallel.config import Nemotron3ParallelConfig
+from transformers_nemotron3.parallel.dispatcher import AllToAllDispatcher, capacity_keep_mask
+from transformers_nemotron3.parallel.expert_parallel import apply_expert_parallel, is_expert_shard, moe_layers
+from transformers_nemotron3.parallel.gradients import mean_over_ranks, reduce_gradients
+from transformers_nemotron3.parallel.spawn import run_processes
+
+try:
+    from tiny_configs import tiny_config
+except ImportError:  # pragma: no cover - when imported as a package module
+    from modeling_tests.tiny_configs import tiny_config
+
+TOL = 1e-5
+SCENARIOS = {
+    "nano": ("all_blocks", {}),  # M*E-ME with a shared expert
+    "latent": ("latent_groups_mtp", {}),  # LatentMoE + group routing + MTP (its MoE is EP too)
+}
+
+
+# ---------------------------------------------------------------------------------------- reference
+def reference_keep(topk_idx, weights, num_experts, capacity, policy):
+    """Loop-based capacity dropping: per expert, rank its copies by policy, keep the first ``capacity``."""
+    t, k = topk_idx.shape
+    keep = torch.zeros(t, k, dtype=torch.bool)
+    for e in range(num_experts):
+        cands = [(i, j) for i in range(t) for j in range(k) if int(topk_idx[i, j]) == e]
+        if policy == "probs":
+            cands.sort(key=lambda c: (-float(weights[c]), c[0] * k + c[1]))
+        for i, j in cands[:capacity]:
+            keep[i, j] = True
+    return keep
+
+
+class ReferenceDropDispatcher(LocalDispatcher):
+    """Single-process dropping reference: every copy is computed, dropped ones weigh (and learn) nothing."""
+
+    def __init__(self, capacity_factor, policy):
+        self.cf, self.policy, self.pending_weights, self.last_keep = capacity_factor, policy, None, None
+
+    def dispatch(self, x, topk_idx, num_experts):
+        t, k = topk_idx.shape
+        cap = math.ceil(t * k / num_experts * self.cf)
+        self.last_keep = reference_keep(topk_idx, self.pending_weights, num_experts, cap, self.policy)
+        rows, counts, ctx = super().dispatch(x, topk_idx, num_experts)
+        return rows, counts, (ctx, self.last_keep)
+
+    def combine(self, out, weights, ctx, num_tokens):
+        ctx, keep = ctx
+        return super().combine(out, weights * keep.to(weights.dtype), ctx, num_tokens)
+
+
+def _install_reference(model, cf, policy):
+    for moe in moe_layers(model):
+        d = ReferenceDropDispatcher(cf, policy)
+        moe.dispatcher = d
+        moe.gate.register_forward_hook(lambda m, a, o, d=d: setattr(d, "pending_weights", o[2].detach()))
+
+
+def _batch(world, vocab, per_rank=2, length=12):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(3, vocab, (world * per_rank, length), generator=g)
+
+
+def _model(name, overrides):
+    torch.manual_seed(0)
+    model = Nemotron3ForCausalLM(tiny_config(name, **overrides)).float()
+    model.train()
+    return model
+
+
+def _reference(model, ids, world, cf=None, policy="probs"):
+    """Single process: mean over the rank slices of the loss (slices are equal-sized), gradients likewise."""
+    ref = copy.deepcopy(model)
+    if cf is not None:
+        _install_reference(ref, cf, policy)
+    per = ids.shape[0] // world
+    total = 0.0
+    keeps = []
+    for r in range(world):
+        local = ids[r * per:(r + 1) * per]
+        loss = ref(local, labels=local).loss / world
+        loss.backward()
+        total += float(loss)
+        if cf is not None:
+            keeps.append(moe_layers(ref)[0].dispatcher.last_keep.clone())
+    return total, {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}, keeps
+
+
+def _ep_run(rank, world, ep, name, overrides, cf=None, policy="probs", pad=False):
+    pcfg = Nemotron3ParallelConfig(expert_parallel_size=ep, capacity_factor=cf, drop_policy=policy,
+                                   pad_to_capacity=pad).validate()
+    _, expert_mesh = pcfg.build_meshes()
+    ep_group, edp_group = expert_mesh["ep"].get_group(), expert_mesh["edp"].get_group()
+    model = _model(name, overrides)
+    ids = _batch(world, model.config.vocab_size)
+    ref_loss, ref_grads, ref_keeps = _reference(model, ids, world, cf, policy)
+    apply_expert_parallel(model, ep_group, cf, policy, pad)
+    per = ids.shape[0] // world
+    local = ids[rank * per:(rank + 1) * per]
+    loss = model(local, labels=local).loss
+    loss.backward()
+    keep = moe_layers(model)[0].dispatcher.last_keep
+    reduce_gradients(model, edp_group)
+    loss = float(mean_over_ranks(loss))
+    worst, worst_name = 0.0, None
+    for n, p in model.named_parameters():
+        g = p.grad
+        if is_expert_shard(p):
+            parts = [torch.empty_like(g) for _ in range(ep)]
+            dist.all_gather(parts, g.contiguous(), group=ep_group)
+            g = torch.cat(parts)
+        diff = float((g - ref_grads[n]).abs().max())
+        if diff > worst:
+            worst, worst_name = diff, n
+    out = {"loss_diff": abs(loss - ref_loss), "grad_diff": worst, "worst": worst_name,
+           "n_grads": len(ref_grads), "sharded": sum(is_expert_shard(p) for p in model.parameters())}
+    if cf is not None:
+        out["keep_equal"] = bool(torch.equal(keep, ref_keeps[rank]))
+        out["dropped"] = int((~keep).sum())
+    return out
+
+
+def _many(rank, world, ep, jobs):
+    return {key: _ep_run(rank, world, ep, *job) for key, job in jobs.items()}
+
+
+def _check(results):
+    for rank_out in results:
+        for key, r in rank_out.items():
+            assert r["loss_diff"] < TOL, (key, r)
+            assert r["grad_diff"] < TOL, (key, r)
+            assert r["sharded"] > 0, (key, r)
+            if "keep_equal" in r:
+                assert r["keep_equal"], (key, r)
+
+
+# ---------------------------------------------------------------------------------------- tests
+def test_ep2_dropless_and_dropping_equal_single_process():
+    jobs = {k: (name, ov) for k, (name, ov) in SCENARIOS.items()}
+    for policy in ("probs", "position"):
+        for pad in (False, True):
+            jobs[f"drop-{policy}-pad{pad}"] = ("all_blocks", {}, 1.0, policy, pad)
+    jobs["drop-latent-probs"] = ("latent_groups_mtp", {}, 1.0, "probs", False)
+    results = run_processes(_many, 2, (2, jobs), timeout=150)
+    _check(results)
+    assert any(r["dropped"] > 0 for out in results for k, r in out.items() if k.startswith("drop")), \
+        "capacity factor 1.0 dropped nothing: the test would not exercise dropping"
+
+
+def test_ep4_equals_single_process():
+    jobs = {k: (name, ov) for k, (name, ov) in SCENARIOS.items()}
+    _check(run_processes(_many, 4, (4, jobs), timeout=150))
+
+
+def test_capacity_mask_matches_loop_reference_and_dropless_is_infinite_capacity():
+    g = torch.Generator().manual_seed(3)
+    idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(40)])
+    w = torch.rand(40, 2, generator=g)
+    for policy in ("probs", "position"):
+        for cap in (1, 3, 10):
+            assert torch.equal(capacity_keep_mask(idx, w, 8, cap, policy), reference_keep(idx, w, 8, cap, policy))
+    # dropless dispatcher == capacity so large nothing is dropped
+    x = torch.randn(40, 5)
+    a, b = AllToAllDispatcher(), AllToAllDispatcher(capacity_factor=1e6)
+    b.pending_weights = w
+    ra, ca, ctxa = a.dispatch(x, idx, 8)
+    rb, cb, ctxb = b.dispatch(x, idx, 8)
+    assert torch.equal(ra, rb) and torch.equal(ca, cb)
+    assert torch.equal(a.combine(ra * 2, w, ctxa, 40), b.combine(rb * 2, w, ctxb, 40))
+
+
+def test_parallel_config_errors():
+    with pytest.raises(ValueError, match="context_parallel_size=3"):
+        Nemotron3ParallelConfig(context_parallel_size=3, world_size=4).validate()
+    with pytest.raises(ValueError, match="n_routed_experts=8"):
+        Nemotron3ParallelConfig(expert_parallel_size=3, world_size=3).validate(tiny_config("all_blocks"))
+    with pytest.raises(ValueError, match="no MoE"):
+        Nemotron3ParallelConfig(expert_parallel_size=2, world_size=2).validate(tiny_config("dense"))
+    with pytest.raises(ValueError, match="drop_policy"):
+        Nemotron3ParallelConfig(drop_policy="random", world_size=1).validate()
+    with pytest.raises(ValueError, match="pad_to_capacity"):
+        Nemotron3ParallelConfig(pad_to_capacity=True, world_size=1).validate()
+    with pytest.raises(ValueError, match="n_groups=2"):
+        Nemotron3ParallelConfig(context_parallel_size=4, world_size=4).validate(tiny_config("all_blocks", mamba_num_heads=8))
+    c = Nemotron3ParallelConfig(context_parallel_size=2, expert_parallel_size=4, world_size=8).validate()
+    assert (c.dp, c.cp, c.edp, c.ep) == (4, 2, 2, 4)
