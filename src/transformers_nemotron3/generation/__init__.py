@@ -28,3 +28,8 @@ __all__ = [
     "render_tool_call",
     "render_tool_declarations",
 ]
+
+# MTP self-speculative decoding (issue 3, item 3)
+from .mtp_speculative import greedy_generate, mtp_generate  # noqa: E402
+
+__all__ += ["greedy_generate", "mtp_generate"]

@@ -1,0 +1,266 @@
+"""Side-by-side inference benchmark: our Nemotron3ForCausalLM vs transformers' native NemotronHForCausalLM.
+
+Both models get the same random weights (built from a seed). In one process, interleaved, with
+several repeats (medians), we measure:
+
+- prefill tokens/s at 512 and 2048 tokens (batch 1, logits of the last position only, as generate does);
+- decode tokens/s at batch 1 and batch 8 for 128 new tokens (greedy ``generate``; the time of a
+  1-token generate with the same prompt is subtracted, so only the decode steps count);
+- peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS growth of a forked child running the
+  same workload once — RSS is per process, so each model is measured in its own child).
+
+The native model runs with its fastest experts implementation, chosen by a short measurement among
+``eager``, ``grouped_mm`` and ``batched_mm`` (or fixed with ``--native-experts``).
+
+    python scripts/bench_inference.py --config tiny --threads 2 --repeats 3 --out bench_tiny.json
+    python scripts/bench_inference.py --config small --threads 2 --repeats 3 --out bench_small.json
+
+A benchmark, not a test: numbers depend on the machine; docs/benchmarks.md records the latest ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+CONFIGS = {
+    # ~30M parameters: hidden 512, 8 layers, 16 experts top-4
+    "tiny": dict(
+        vocab_size=8192, hidden_size=512, hybrid_override_pattern="MEMEM*EM", num_attention_heads=8,
+        num_key_value_heads=2, head_dim=64, mamba_num_heads=16, mamba_head_dim=64, n_groups=4, ssm_state_size=64,
+        conv_kernel=4, chunk_size=128, n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=512,
+        moe_shared_expert_intermediate_size=1024, intermediate_size=1536, routed_scaling_factor=2.5,
+    ),
+    # ~300M parameters, Nano-like ratios (Nano: hidden 2688, 128 experts top-6, expert width 0.69 h,
+    # shared 1.38 h, Mamba 64 heads x 64, state 128, 8 groups, GQA 32/2 x 128)
+    "small": dict(
+        vocab_size=16384, hidden_size=1024, hybrid_override_pattern="MEMEM*EMEMEM*EME", num_attention_heads=16,
+        num_key_value_heads=2, head_dim=64, mamba_num_heads=32, mamba_head_dim=64, n_groups=8, ssm_state_size=128,
+        conv_kernel=4, chunk_size=128, n_routed_experts=32, num_experts_per_tok=6, moe_intermediate_size=704,
+        moe_shared_expert_intermediate_size=1408, intermediate_size=2816, routed_scaling_factor=2.5,
+    ),
+}
+COMMON = dict(initializer_range=0.02, pad_token_id=0, bos_token_id=1, eos_token_id=2, use_mamba_kernels=True)
+
+
+def build_pair(name: str, seed: int, dtype: torch.dtype, device: str):
+    """Our model and the native one with identical weights."""
+    from transformers import NemotronHForCausalLM
+
+    from transformers_nemotron3 import Nemotron3Config, Nemotron3ForCausalLM
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "modeling_tests"))
+    from tiny_configs import native_config
+
+    cfg = Nemotron3Config(**{**COMMON, **CONFIGS[name]})
+    torch.manual_seed(seed)
+    ours = Nemotron3ForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    ncfg = native_config(cfg)
+    native = NemotronHForCausalLM(ncfg).to(device=device, dtype=dtype).eval()
+    state = {k.replace("backbone.", "model.", 1): v for k, v in ours.state_dict().items()}
+    missing, unexpected = native.load_state_dict(state, strict=False)
+    missing = [k for k in missing if "rotary" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not map: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for m in (ours, native):  # greedy, fixed length, no early stop
+        m.generation_config.eos_token_id = None
+        m.generation_config.pad_token_id = 0
+    return ours, native
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def time_prefill(model, ids, device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    sync(device)
+    return time.perf_counter() - t
+
+
+@torch.inference_mode()
+def time_generate(model, ids, new: int, device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    sync(device)
+    assert out.shape[1] == ids.shape[1] + new
+    return time.perf_counter() - t
+
+
+def pick_native_experts(native, vocab: int, device: str) -> str:
+    """The fastest experts implementation of the native model on a short prefill + decode."""
+    ids = torch.randint(3, vocab, (1, 64), device=device)
+    best, best_t = "eager", float("inf")
+    for impl in ("eager", "grouped_mm", "batched_mm"):
+        try:
+            native.set_experts_implementation(impl)
+            time_generate(native, ids, 4, device)
+            t = min(time_prefill(native, ids, device) + time_generate(native, ids, 8, device) for _ in range(2))
+        except Exception as exc:  # noqa: BLE001 - an implementation may not exist on this device
+            print(f"  native experts {impl}: unavailable ({type(exc).__name__}: {exc})")
+            continue
+        print(f"  native experts {impl}: {t * 1e3:.0f} ms")
+        if t < best_t:
+            best, best_t = impl, t
+    native.set_experts_implementation(best)
+    return best
+
+
+def peak_memory(model, task, device: str) -> float:
+    """Peak memory in MiB of ``task(model)``: CUDA allocator peak, or RSS growth of a forked child on CPU."""
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        task(model)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    import resource
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: measure, report, exit without cleanup
+        os.close(read)
+        before = _rss_mib()
+        task(model)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        os.write(write, f"{max(peak - before, 0.0)}".encode())
+        os._exit(0)
+    os.close(write)
+    data = os.read(read, 64)
+    os.waitpid(pid, 0)
+    return float(data.decode() or "nan")
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM"):  # peak so far: growth over it is what this task adds
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run(args) -> dict:
+    device = args.device
+    torch.set_num_threads(args.threads)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    ours, native = build_pair(args.config, args.seed, dtype, device)
+    n_params = sum(p.numel() for p in ours.parameters())
+    vocab = ours.config.vocab_size
+    print(f"config {args.config}: {n_params / 1e6:.1f}M parameters, {device}, {args.dtype}, {args.threads} threads")
+    impl = args.native_experts or pick_native_experts(native, vocab, device)
+    native.set_experts_implementation(impl)
+    print(f"  native experts implementation: {impl}")
+    models = {"ours": ours, "native": native}
+    g = torch.Generator().manual_seed(args.seed)
+    results: dict = {"config": args.config, "params_M": round(n_params / 1e6, 1), "device": device,
+                     "dtype": args.dtype, "threads": args.threads, "native_experts": impl, "rows": {}}
+
+    def measure(label: str, fn, work: float) -> None:
+        times = {"ours": [], "native": []}
+        for name in models:  # warm-up
+            fn(models[name])
+        for r in range(args.repeats):
+            order = ("ours", "native") if r % 2 == 0 else ("native", "ours")
+            for name in order:
+                times[name].append(fn(models[name]))
+        row = {name: work / statistics.median(ts) for name, ts in times.items()}
+        row["ratio"] = row["ours"] / row["native"]
+        row["raw_s"] = times
+        results["rows"][label] = row
+        print(f"  {label:<22} ours {row['ours']:9.1f} tok/s   native {row['native']:9.1f} tok/s   "
+              f"ratio {row['ratio']:.2f}x", flush=True)
+
+    for length in args.prefill:
+        ids = torch.randint(3, vocab, (1, length), generator=g).to(device)
+        measure(f"prefill_{length}", lambda m, ids=ids: time_prefill(m, ids, device), length)
+    for batch in args.decode_batch:
+        ids = torch.randint(3, vocab, (batch, args.prompt), generator=g).to(device)
+
+        def decode(m, ids=ids):
+            return time_generate(m, ids, args.new_tokens, device) - time_generate(m, ids, 1, device)
+
+        measure(f"decode_b{batch}", decode, batch * (args.new_tokens - 1))
+    if not args.no_memory:
+        ids_p = torch.randint(3, vocab, (1, max(args.prefill)), generator=g).to(device)
+        ids_d = torch.randint(3, vocab, (max(args.decode_batch), args.prompt), generator=g).to(device)
+
+        def workload(m):
+            time_prefill(m, ids_p, device)
+            time_generate(m, ids_d, args.new_tokens, device)
+
+        mem = {name: peak_memory(models[name], workload, device) for name in models}
+        mem["ratio"] = mem["ours"] / mem["native"] if mem["native"] else float("nan")
+        results["peak_memory_MiB"] = mem
+        print(f"  peak memory MiB       ours {mem['ours']:9.1f}         native {mem['native']:9.1f}         "
+              f"ratio {mem['ratio']:.2f}x")
+    return results
+
+
+def table(results: dict) -> str:
+    lines = [f"config `{results['config']}` ({results['params_M']}M params, {results['device']}, {results['dtype']}, "
+             f"{results['threads']} threads, native experts `{results['native_experts']}`)", "",
+             "| measure | ours | native | ours/native |", "|---|---|---|---|"]
+    for label, row in results["rows"].items():
+        lines.append(f"| {label} tok/s | {row['ours']:.1f} | {row['native']:.1f} | {row['ratio']:.2f}x |")
+    if "peak_memory_MiB" in results:
+        m = results["peak_memory_MiB"]
+        lines.append(f"| peak memory MiB | {m['ours']:.0f} | {m['native']:.0f} | {m['ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", choices=sorted(CONFIGS), nargs="+", default=["tiny"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefill", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--decode-batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt", type=int, default=32, help="prompt length for the decode measurements")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--native-experts", default=None, help="eager | grouped_mm | batched_mm (default: fastest)")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--out", default=None, help="write all results as JSON here")
+    args = p.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+               "cuda": torch.cuda.get_device_name(0) if args.device == "cuda" else None}
+    try:
+        import transformers
+
+        machine["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    all_results = []
+    for name in args.config:
+        args.config_name = name
+        res = run(argparse.Namespace(**{**vars(args), "config": name}))
+        res["machine"] = machine
+        all_results.append(res)
+        print()
+        print(table(res))
+        print()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(all_results, f, indent=1)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
