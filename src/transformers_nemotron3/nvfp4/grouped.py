@@ -10,7 +10,7 @@ tokens zero-padded to a multiple of 16 per group for Wgrad.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -78,16 +78,21 @@ class NVFP4GroupedGemm:
         config: which GEMMs/recipe parts are quantized; set ``config.any_enabled`` false (e.g.
             via :func:`~.plugin.switch_to_bf16`) to fall back to :func:`grouped_mm_reference`.
         generator: optional random generator for stochastic rounding.
+        fallback: the high-precision grouped GEMM used when every GEMM is switched off (the
+            module's original ``gemm``, so that a switched model is bit-identical to an
+            unconverted one); :func:`grouped_mm_reference` by default.
     """
 
-    def __init__(self, config: NVFP4GemmConfig | None = None, generator: torch.Generator | None = None) -> None:
+    def __init__(self, config: NVFP4GemmConfig | None = None, generator: torch.Generator | None = None,
+                 fallback: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
         self.config = config or NVFP4GemmConfig()
         self.generator = generator
+        self.fallback = fallback or grouped_mm_reference
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         _check(x, weight, counts)
         if not self.config.any_enabled:
-            return grouped_mm_reference(x, weight, counts)
+            return self.fallback(x, weight, counts)
         return NVFP4GroupedMMFunction.apply(x, weight, counts, self.config, self.generator)
 
     def __repr__(self) -> str:

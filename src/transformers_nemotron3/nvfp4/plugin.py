@@ -69,7 +69,7 @@ def prepare_nvfp4(model: nn.Module, recipe: NVFP4Recipe | None = None, *, backen
             _set_submodule(model, d.name, NVFP4Linear.from_linear(mod, recipe.gemm))
         elif d.kind == "experts":
             # Experts use the emulated grouped GEMM on every backend (no TE grouped path here).
-            mod.gemm = NVFP4GroupedGemm(recipe.gemm)
+            mod.gemm = NVFP4GroupedGemm(recipe.gemm, fallback=mod.gemm)
     model.nvfp4_plan = plan
     model.nvfp4_backend = chosen
     return model

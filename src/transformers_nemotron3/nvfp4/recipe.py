@@ -24,6 +24,8 @@ import torch.nn as nn
 from .gemm import NVFP4GemmConfig
 
 SUPER_BF16_PATTERNS: tuple[str, ...] = (
+    "mtp.*",
+    "*.mtp.*",
     "*embeddings*",
     "lm_head",
     "*.mixer.q_proj",
@@ -32,8 +34,6 @@ SUPER_BF16_PATTERNS: tuple[str, ...] = (
     "*.mixer.o_proj",
     "*.mixer.fc1_latent_proj",
     "*.mixer.fc2_latent_proj",
-    "mtp.*",
-    "*.mtp.*",
     "*.mixer.gate",
 )
 """Module-name globs kept in high precision by the Nemotron 3 Super recipe."""
