@@ -10,6 +10,7 @@ wrong shapes, truncated files) raises an error that names the key or file; nothi
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -217,21 +218,27 @@ class CheckpointMixin:
         for key in _LOADER_KWARGS:
             kwargs.pop(key, None)
         folder = _resolve_dir(pretrained_model_name_or_path, **hub)
+        known = set(inspect.signature(Nemotron3Config.__init__).parameters) | set(vars(Nemotron3Config()))
+        unknown = sorted(k for k in kwargs if k not in known)
+        if unknown:
+            raise ValueError(f"Unknown from_pretrained option(s) {unknown}: not config keys or loader options.")
         if config is None:
             config_file = folder / "config.json"
             if not config_file.exists():
                 raise ValueError(f"{folder} has no config.json; it is not a model checkpoint.")
             raw = json.loads(config_file.read_text())
+        else:
+            raw = config.to_dict() if not isinstance(config, Nemotron3Config) else None
+        if raw is not None:
             for key in ("model_type", "architectures", "auto_map", "transformers_version"):
                 raw.pop(key, None)
-            config = Nemotron3Config(**raw)
-        elif not isinstance(config, Nemotron3Config):
-            config = Nemotron3Config(**{k: v for k, v in config.to_dict().items()
-                                        if k not in ("model_type", "architectures", "auto_map", "transformers_version")})
-        for key, value in kwargs.items():
-            if not hasattr(config, key):
-                raise ValueError(f"Unknown from_pretrained option {key!r}: not a config attribute or loader option.")
-            setattr(config, key, value)
+            if "hybrid_override_pattern" in kwargs or "layers_block_type" in kwargs:
+                raw.pop("hybrid_override_pattern", None)
+                raw.pop("layers_block_type", None)
+                raw.pop("num_hidden_layers", None)
+            config = Nemotron3Config(**{**raw, **kwargs})
+        else:
+            config = Nemotron3Config(**{**config.to_dict(), **kwargs}) if kwargs else config
         config._attn_implementation = attn_implementation or getattr(config, "_attn_implementation", None) or "sdpa"
 
         device = _device_from_map(device_map)

@@ -45,6 +45,13 @@ ROUTER_SCORE_FUNCTIONS = ("sigmoid", "softmax", "topk_softmax")
 ACTIVATIONS = ("relu2", "silu", "gelu", "relu")
 
 
+def _as_float(value: Any) -> float:
+    """A float from JSON, including transformers' ``{"__float__": "Infinity"}`` encoding of inf."""
+    if isinstance(value, dict) and "__float__" in value:
+        value = value["__float__"]
+    return float(value)
+
+
 def parse_block_types(value: str | list[str], key: str) -> list[str]:
     """Turn a pattern string (``"MEM*E"``) or a list of block names into our block names."""
     if isinstance(value, str):
@@ -218,7 +225,7 @@ class Nemotron3Config(PretrainedConfig):
         self.expand = mamba["expand"]
         self.time_step_min = mamba["time_step_min"]
         self.time_step_max = mamba["time_step_max"]
-        self.time_step_limit = tuple(float(v) for v in mamba["time_step_limit"])
+        self.time_step_limit = tuple(_as_float(v) for v in mamba["time_step_limit"])
         self.time_step_floor = mamba["time_step_floor"]
         self.use_conv_bias = mamba["use_conv_bias"]
         self.chunk_size = mamba["chunk_size"]

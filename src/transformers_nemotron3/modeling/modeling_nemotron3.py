@@ -147,17 +147,6 @@ class Nemotron3PreTrainedModel(CheckpointMixin, PreTrainedModel):
                            + math.log(c.time_step_min)).clamp(min=c.time_step_floor)
             module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
-        from functools import partial
-
-        from torch.utils.checkpoint import checkpoint
-
-        func = gradient_checkpointing_func or partial(checkpoint, use_reentrant=False)
-        for module in self.modules():
-            if isinstance(module, Nemotron3Block):
-                module.gradient_checkpointing = enable
-                module._gradient_checkpointing_func = func
-
 
 class Nemotron3Model(Nemotron3PreTrainedModel):
     """Embeddings, the hybrid stack of blocks, final RMSNorm."""

@@ -147,7 +147,7 @@ def load_balancing_loss(scores: torch.Tensor, topk_idx: torch.Tensor, batch: int
     probs = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
     probs = probs.view(batch, -1, num_experts)
     length = probs.shape[1]
-    counts = F.one_hot(topk_idx.view(batch, -1), num_experts).sum(dim=1).float()  # [b, E]
+    counts = F.one_hot(topk_idx.reshape(batch, -1), num_experts).sum(dim=1).float()  # [b, E]
     f = counts * num_experts / (k * length)
     return (f * probs.mean(dim=1)).sum(dim=-1).mean()
 
