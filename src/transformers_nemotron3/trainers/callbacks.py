@@ -1,0 +1,75 @@
+"""Trainer callbacks for Nemotron 3: expert-bias updates, frozen-router checks, loss/reward history."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from transformers import TrainerCallback
+
+__all__ = ["ExpertBiasUpdateCallback", "RouterFreezeCallback", "HistoryCallback", "router_modules"]
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def router_modules(model) -> list[torch.nn.Module]:
+    """Every MoE router (a module named ``...mixer.gate`` with ``e_score_correction_bias``)."""
+    return [m for name, m in _unwrap(model).named_modules()
+            if name.endswith("mixer.gate") and hasattr(m, "e_score_correction_bias")]
+
+
+class ExpertBiasUpdateCallback(TrainerCallback):
+    """Aux-loss-free balancing: after every optimizer step, call ``model.update_expert_bias(rate)``.
+
+    The model counts expert loads over the training forwards since the previous call (all micro-batches of
+    the step), so one call per optimizer step is the DeepSeek-V3 / Nemotron 3 recipe.
+    """
+
+    def __init__(self, rate: float | None = None) -> None:
+        self.rate = rate
+        self.updates = 0
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        model = _unwrap(model)
+        if hasattr(model, "update_expert_bias"):
+            model.update_expert_bias(self.rate)
+            self.updates += 1
+        return control
+
+
+class RouterFreezeCallback(TrainerCallback):
+    """Keeps routers frozen: checks at every step end that router weights and correction biases did not move."""
+
+    def __init__(self, model) -> None:
+        self.snapshot = {id(m): (m.weight.detach().clone(), m.e_score_correction_bias.detach().clone())
+                         for m in router_modules(model)}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        for m in router_modules(model):
+            weight, bias = self.snapshot[id(m)]
+            assert torch.equal(m.weight.detach(), weight), "a frozen router weight changed during training"
+            assert torch.equal(m.e_score_correction_bias, bias), "a frozen router correction bias changed"
+        return control
+
+
+class HistoryCallback(TrainerCallback):
+    """Writes ``state.log_history`` as JSON (and, with ``plot=True``, loss/reward PNGs) when training ends."""
+
+    def __init__(self, output_dir: str, plot: bool = True) -> None:
+        self.output_dir = output_dir
+        self.plot = plot
+
+    def on_train_end(self, args, state, control, **kwargs):
+        os.makedirs(self.output_dir, exist_ok=True)
+        with open(os.path.join(self.output_dir, "log_history.json"), "w") as f:
+            json.dump(state.log_history, f, indent=1)
+        if self.plot:
+            from .plots import plot_history
+
+            plot_history(state.log_history, self.output_dir)
+        return control

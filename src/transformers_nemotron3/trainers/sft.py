@@ -1,0 +1,136 @@
+"""Supervised fine-tuning for Nemotron 3: a thin subclass of TRL's ``SFTTrainer``.
+
+What it adds on top of TRL (each a narrow override):
+
+* the Nemotron 3 chat template by default (with ``{% generation %}`` markers, so assistant-only loss works);
+* a mix of thinking-on and thinking-off examples: a fraction ``thinking_off_ratio`` of conversations
+  (chosen by a seeded coin per example) lose their reasoning, which renders as ``<think></think>``;
+* history-thinking truncation (``truncate_history_thinking``, passed to the template per example);
+* the loss from the model's own forward: LM loss + MoE auxiliary loss (``config.moe_aux_loss_coef``)
+  + ``mtp_loss_scale`` * MTP loss. TRL's fused LM head only sees the backbone and would drop the last two;
+* aux-loss-free balancing: ``ExpertBiasUpdateCallback`` calls ``model.update_expert_bias`` every step;
+* padding-free packing: TRL's collator emits ``position_ids`` restarting at 0 and ``seq_idx`` without an
+  attention mask; the model keeps Mamba state and attention of packed sequences apart, so packed and
+  unpacked batches give the same loss.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+import torch
+from trl import SFTConfig, SFTTrainer
+
+from ..generation.chat_template import NEMOTRON3_CHAT_TEMPLATE
+from .callbacks import ExpertBiasUpdateCallback
+from .compat import prepare_model_for_trl
+
+__all__ = ["Nemotron3SFTConfig", "Nemotron3SFTTrainer", "apply_thinking_mode"]
+
+_THINK = re.compile(r"<think>.*?</think>\n?", re.DOTALL)
+
+
+@dataclass
+class Nemotron3SFTConfig(SFTConfig):
+    """``SFTConfig`` with Nemotron 3 defaults and options.
+
+    Args:
+        thinking_off_ratio: fraction of conversations trained with thinking off (reasoning removed,
+            rendered ``<think></think>``). 0 keeps every example as given.
+        thinking_mix_seed: seed of the per-example thinking on/off coin.
+        truncate_history_thinking: drop the reasoning of assistant turns before the last user turn.
+        update_expert_bias: call ``model.update_expert_bias`` after every optimizer step.
+        expert_bias_update_rate: rate for that update; None uses ``config.moe_bias_update_rate``.
+    """
+
+    assistant_only_loss: bool = field(default=True, metadata={"help": "Train only on assistant tokens."})
+    thinking_off_ratio: float = field(default=0.0, metadata={"help": "Fraction of examples with thinking off."})
+    thinking_mix_seed: int = field(default=0, metadata={"help": "Seed of the thinking on/off coin."})
+    truncate_history_thinking: bool = field(default=True, metadata={"help": "Drop reasoning of earlier turns."})
+    update_expert_bias: bool = field(default=True, metadata={"help": "Aux-loss-free expert-bias update each step."})
+    expert_bias_update_rate: float | None = field(default=None, metadata={"help": "None: config value."})
+
+    def __post_init__(self):
+        if not 0.0 <= self.thinking_off_ratio <= 1.0:
+            raise ValueError(f"thinking_off_ratio={self.thinking_off_ratio} must be in [0, 1]")
+        super().__post_init__()
+
+
+def apply_thinking_mode(messages: list[dict], thinking: bool) -> list[dict]:
+    """Copy of ``messages``; with ``thinking=False`` every assistant turn loses its reasoning.
+
+    Reasoning may sit in ``reasoning_content`` or inline as ``<think>...</think>`` in ``content``; both go,
+    so the chat template renders the turn as ``<think></think>{content}``.
+    """
+    out = []
+    for message in messages:
+        message = dict(message)
+        if not thinking and message.get("role") == "assistant":
+            if "reasoning_content" in message:
+                message["reasoning_content"] = ""
+            if isinstance(message.get("content"), str):
+                message["content"] = _THINK.sub("", message["content"])
+        out.append(message)
+    return out
+
+
+class Nemotron3SFTTrainer(SFTTrainer):
+    """``SFTTrainer`` for Nemotron 3 (see the module docstring for what differs from TRL)."""
+
+    def __init__(self, model, args: Nemotron3SFTConfig | None = None, processing_class=None, callbacks=None,
+                 **kwargs):
+        if args is None:
+            args = Nemotron3SFTConfig(output_dir="nemotron3-sft")
+        if not isinstance(args, Nemotron3SFTConfig):
+            raise ValueError(f"args must be a Nemotron3SFTConfig, got {type(args).__name__}")
+        if processing_class is not None and getattr(processing_class, "chat_template", None) is None:
+            processing_class.chat_template = NEMOTRON3_CHAT_TEMPLATE
+        callbacks = list(callbacks or [])
+        if args.update_expert_bias:
+            callbacks.append(ExpertBiasUpdateCallback(args.expert_bias_update_rate))
+        with prepare_model_for_trl(model, args):
+            super().__init__(model, args=args, processing_class=processing_class, callbacks=callbacks, **kwargs)
+
+    # ------------------------------------------------------------------ data
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        columns = dataset.column_names or []
+        if "messages" in columns and "input_ids" not in columns:
+            dataset = dataset.map(self._thinking_mix, with_indices=True,
+                                  fn_kwargs={"args": args}, desc=f"Thinking mix ({dataset_name})")
+        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+
+    @staticmethod
+    def _thinking_mix(example, index, args):
+        thinking = random.Random(args.thinking_mix_seed * 1_000_003 + index).random() >= args.thinking_off_ratio
+        kwargs = dict(example.get("chat_template_kwargs") or {})
+        kwargs.update(enable_thinking=thinking, truncate_history_thinking=args.truncate_history_thinking)
+        return {"messages": apply_thinking_mode(example["messages"], thinking), "chat_template_kwargs": kwargs}
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The model's own loss: LM (+ aux when ``moe_aux_loss_coef`` > 0) (+ scaled MTP when it has MTP)."""
+        mode = "train" if self.model.training else "eval"
+        inputs = {k: v for k, v in inputs.items()
+                  if k not in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+        inputs["use_cache"] = False
+        outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
+        loss = outputs.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        for name in ("lm_loss", "aux_loss", "mtp_loss"):
+            value = getattr(outputs, name, None)
+            if value is not None:
+                value = self.accelerator.gather_for_metrics(value.detach().float().reshape(1)).mean().item()
+                self._metrics[mode][name].append(value)
+        labels = inputs["labels"][:, 1:]
+        if mode == "train":
+            self._total_train_tokens += int(labels.numel())
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        with torch.no_grad():
+            mask = labels != -100
+            top1 = outputs.logits[:, :-1].argmax(-1) == labels
+            accuracy = (top1 & mask).sum() / mask.sum().clamp(min=1)
+        self._metrics[mode]["mean_token_accuracy"].append(accuracy.item())
+        return (loss, outputs) if return_outputs else loss
