@@ -121,7 +121,10 @@ def run_one(task: str, workers: int, variant: str, updates: int) -> dict:
     out = launch_local(_rank_main, workers + 1, args=(task, config, steps), timeout=600)
     wall = time.perf_counter() - start
     s = out[0]["server"]
-    losses = [loss for _, _, loss in s.losses]
+    per_update: dict[int, list[float]] = {}
+    for step, _, loss in s.losses:  # sync mode logs one loss per worker per update: average them
+        per_update.setdefault(step, []).append(loss)
+    losses = [sum(v) / len(v) for _, v in sorted(per_update.items())]
     return {
         "task": task, "workers": workers, "variant": variant, "updates": s.updates, "ratio": ratio, "mode": mode,
         "bytes_up_per_update": s.bytes_up_per_update, "bytes_down_per_update": s.bytes_down_per_update,
