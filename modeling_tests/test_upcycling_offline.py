@@ -121,3 +121,21 @@ def test_config_validation_messages():
         UpcyclingConfig(shared_expert=True, shared_expert_fraction=1.0)
     with pytest.raises(ValueError, match="top_k=1 gives the router no gradient"):
         UpcyclingConfig(router="topk_softmax", top_k=1)
+
+
+def test_nemotron3_command_and_nemotron_h_directory(tmp_path):
+    """`nemotron3 upcycle` through the package CLI router, on a dense Nemotron-H checkpoint directory."""
+    from transformers_nemotron3.cli import main as nemotron3
+
+    torch.manual_seed(0)
+    Nemotron3ForCausalLM(tiny_config("dense", initializer_range=0.1)).save_pretrained(tmp_path / "dense")
+    argv = ["upcycle", str(tmp_path / "dense"), str(tmp_path / "moe"), "--experts", "4", "--top-k", "2",
+            "--moe-layers", "0,2", "--no-progress"]
+    assert nemotron3(argv) == 0
+    offline = Nemotron3ForCausalLM.from_pretrained(tmp_path / "moe")
+    assert offline.config.hybrid_override_pattern == "MEM*-ME"
+    dense = Nemotron3ForCausalLM.from_pretrained(tmp_path / "dense")
+    _assert_same_bits(upcycle(dense, UpcyclingConfig(num_experts=4, top_k=2, moe_layers=[0, 2])), offline)
+    ids = torch.randint(3, 96, (2, 10))
+    with torch.no_grad():
+        assert (offline(ids).logits - dense(ids).logits).abs().max().item() <= 1e-4
