@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from tiny_configs import tiny_config
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import MistralConfig, MistralForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from transformers_nemotron3 import Nemotron3ForCausalLM
 from transformers_nemotron3.upcycling import UpcyclingConfig, upcycle, upcycle_to_disk
@@ -61,6 +61,18 @@ def test_streaming_from_model_object_with_noise_and_nemotron_h(tmp_path):
     _assert_same_bits(upcycle(dense, cfg), Nemotron3ForCausalLM.from_pretrained(tmp_path / "moe"))
 
 
+def test_bf16_source_keeps_dtype_and_fp32_router(tmp_path):
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(LlamaConfig(**DIMS)).to(torch.bfloat16)
+    cfg = UpcyclingConfig(num_experts=4, granularity=2, top_k=2)  # f = 2: scaled in fp32, cast back
+    upcycle_to_disk(dense, tmp_path / "moe", cfg, progress=False)
+    offline = Nemotron3ForCausalLM.from_pretrained(tmp_path / "moe")
+    online = upcycle(dense, cfg)
+    _assert_same_bits(online, offline)
+    assert online.backbone.layers[1].mixer.experts.up_proj.dtype == torch.bfloat16
+    assert online.backbone.layers[1].mixer.gate.weight.dtype == torch.float32
+
+
 @pytest.mark.parametrize("argv_extra, message", [
     (["--experts", "2", "--top-k", "3"], "top_k=3 exceeds the 2 routed experts"),
     (["--granularity", "5", "--top-k", "5"], "granularity=5 does not divide the dense FFN width"),
@@ -100,6 +112,11 @@ def test_unknown_and_unmappable_architectures(tmp_path):
         upcycle(scaled)
     with pytest.raises(ValueError, match="not a directory"):
         upcycle(tmp_path / "missing")
+    windowed = MistralForCausalLM(MistralConfig(**DIMS, sliding_window=16))
+    with pytest.raises(ValueError, match="sliding-window attention"):
+        upcycle(windowed)
+    with pytest.raises(ValueError, match="names MLP layer 9"):
+        upcycle(Nemotron3ForCausalLM(tiny_config("dense")), moe_layers=[0, 9])
 
 
 def test_interrupted_run_leaves_nothing(dense_dir, tmp_path, monkeypatch):

@@ -126,6 +126,11 @@ def _nemotron_h_config(source: DenseSource, cfg: UpcyclingConfig) -> tuple[Nemot
     if c.get("mlp_bias"):
         raise ValueError(f"{source.origin}: mlp_bias=True, but Nemotron 3 experts have no biases.")
     mlp_layers = [i for i, b in enumerate(blocks) if b == "mlp"]
+    if isinstance(cfg.moe_layers, list) and cfg.moe_layers[-1] >= len(mlp_layers):
+        raise ValueError(
+            f"moe_layers={cfg.moe_layers} names MLP layer {cfg.moe_layers[-1]}, but the source has only "
+            f"{len(mlp_layers)} dense MLP ('-') layers (indices 0..{len(mlp_layers) - 1})."
+        )
     chosen = [layer for n, layer in enumerate(mlp_layers) if cfg.is_moe_layer(n)]
     if not chosen:
         raise ValueError(f"moe_layers={cfg.moe_layers!r} selects none of the {len(mlp_layers)} dense MLP ('-') layers.")
@@ -212,6 +217,7 @@ def upcycle(dense_model_or_path: Any, config: UpcyclingConfig | None = None, *,
         config = UpcyclingConfig(**overrides)
     elif overrides:
         raise ValueError(f"Pass either an UpcyclingConfig or keyword fields, not both (got {sorted(overrides)}).")
+    config.validate()
     source = DenseSource.open(dense_model_or_path)
     target = build_target_config(source, config)
     state: dict[str, torch.Tensor] = {}

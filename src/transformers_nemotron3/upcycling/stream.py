@@ -77,6 +77,7 @@ def upcycle_to_disk(
     ``upcycle(dense, config)`` bit for bit. Returns the destination path.
     """
     config = config or UpcyclingConfig()
+    config.validate()
     dst = Path(destination)
     if dst.exists():
         raise ValueError(f"Destination {dst} already exists; choose a new path or remove it first (nothing was written).")
