@@ -134,12 +134,49 @@ def _ep_run(rank, world, ep, name, overrides, cf=None, policy="probs", pad=False
     return out
 
 
-def _many(rank, world, ep, jobs):
-    return {key: _ep_run(rank, world, ep, *job) for key, job in jobs.items()}
+def _checkpoint_roundtrip(rank, world, ep, folder):
+    """EP=ep run -> full official checkpoint -> one process (bit-exact) -> back into shards (bit-exact)."""
+    from transformers_nemotron3.parallel.checkpoint import (
+        gather_full_state_dict, load_full_checkpoint_into, save_full_checkpoint,
+    )
+
+    _, expert_mesh = Nemotron3ParallelConfig(expert_parallel_size=ep).build_meshes()
+    ep_group = expert_mesh["ep"].get_group()
+    model = apply_expert_parallel(_model("latent_groups_mtp", {}), ep_group)
+    with torch.no_grad():  # move away from the seed-0 init (same noise on every rank: dense stays replicated)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    save_full_checkpoint(model, f"{folder}/ep", ep_group)
+    gathered = gather_full_state_dict(model, ep_group)
+    single = Nemotron3ForCausalLM.from_pretrained(f"{folder}/ep", dtype=torch.float32)
+    loaded_equal = all(torch.equal(v, gathered[k]) for k, v in single.state_dict().items())
+    files = sorted(__import__("os").listdir(f"{folder}/ep"))
+    with torch.no_grad():
+        for p in single.parameters():
+            p.mul_(1.5)
+    if rank == 0:
+        single.save_pretrained(f"{folder}/single")
+    dist.barrier()
+    fresh = apply_expert_parallel(_model("latent_groups_mtp", {}), ep_group)
+    load_full_checkpoint_into(fresh, f"{folder}/single")
+    back_equal = all(torch.equal(v, single.state_dict()[k]) for k, v in gather_full_state_dict(fresh, ep_group).items())
+    return {"loaded_equal": loaded_equal, "back_equal": back_equal, "files": files,
+            "n_keys": len(gathered), "sharded": sum(is_expert_shard(p) for p in fresh.parameters())}
+
+
+def _many(rank, world, ep, jobs, folder=None):
+    out = {key: _ep_run(rank, world, ep, *job) for key, job in jobs.items()}
+    if folder is not None:
+        out["checkpoint"] = _checkpoint_roundtrip(rank, world, ep, folder)
+    return out
 
 
 def _check(results):
     for rank_out in results:
+        ckpt = rank_out.pop("checkpoint", None)
+        if ckpt is not None:
+            assert ckpt["loaded_equal"] and ckpt["back_equal"] and ckpt["sharded"] > 0, ckpt
+            assert "config.json" in ckpt["files"] and any(f.endswith(".safetensors") for f in ckpt["files"]), ckpt
         for key, r in rank_out.items():
             assert r["loss_diff"] < TOL, (key, r)
             assert r["grad_diff"] < TOL, (key, r)
@@ -149,12 +186,12 @@ def _check(results):
 
 
 # ---------------------------------------------------------------------------------------- tests
-def test_ep2_dropless_and_dropping_equal_single_process():
+def test_ep2_dropless_dropping_and_checkpoint(tmp_path):
     jobs = {k: (name, ov) for k, (name, ov) in SCENARIOS.items()}
     jobs["drop-probs"] = ("all_blocks", {}, 1.0, "probs", False)
     jobs["drop-position-padded"] = ("all_blocks", {}, 1.0, "position", True)
     jobs["drop-latent-probs"] = ("latent_groups_mtp", {}, 1.0, "probs", False)
-    results = run_processes(_many, 2, (2, jobs), timeout=150)
+    results = run_processes(_many, 2, (2, jobs, str(tmp_path)), timeout=200)
     _check(results)
     assert any(r["dropped"] > 0 for out in results for k, r in out.items() if k.startswith("drop")), \
         "capacity factor 1.0 dropped nothing: the test would not exercise dropping"
