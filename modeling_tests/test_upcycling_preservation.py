@@ -108,7 +108,10 @@ def test_nemotron_h_dense_native():
     moe = upcycle(native, num_experts=4, granularity=2, top_k=2)
     assert moe.config.hybrid_override_pattern == "MEM*EME"
     assert moe.config.moe_gated_experts is False and moe.config.mlp_hidden_act == "relu2"
-    assert _max_diff(native, moe) <= TOL
+    assert _max_diff(native, moe) <= TOL  # ~7.7e-5, almost all of it native-vs-our Mamba arithmetic:
+    ours = Nemotron3ForCausalLM(tiny_config("dense", initializer_range=0.1))
+    ours.load_state_dict({k.replace("model.", "backbone.", 1): v for k, v in native.state_dict().items()})
+    assert _max_diff(ours.eval(), moe) <= 1e-5  # the upcycling itself adds ~2e-6
 
 
 def test_nemotron_h_dense_subset_of_layers():
