@@ -12,6 +12,7 @@ from .modeling import (
     Nemotron3Model,
     Nemotron3PreTrainedModel,
 )
+from . import upcycling  # noqa: E402,F401  (attaches Nemotron3ForCausalLM.from_dense)
 
 __version__ = "0.1.0"
 
