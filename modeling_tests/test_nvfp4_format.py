@@ -152,3 +152,14 @@ def test_stochastic_rounding_midpoint_splits_evenly_and_keeps_grid_points():
     on_grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -3.0])
     assert torch.equal(e2m1_decode(e2m1_encode_stochastic(on_grid.repeat(100), g)), on_grid.repeat(100))
     assert e2m1_decode(e2m1_encode_stochastic(torch.tensor([9.0, -100.0]), g)).tolist() == [6.0, -6.0]
+
+
+def test_value_rounding_fast_path_equals_encode_decode():
+    from transformers_nemotron3.nvfp4.format import e2m1_round_rne
+
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0, 0.0, -0.0, float("inf")])
+    x = torch.cat([torch.linspace(-8, 8, 40001), ties, -ties, torch.randn(10000) * 3])
+    fast = e2m1_round_rne(x)
+    slow = e2m1_decode(e2m1_encode_rne(x))
+    assert torch.equal(fast, slow)
+    assert torch.equal(torch.signbit(fast), torch.signbit(slow))  # -0.0 kept

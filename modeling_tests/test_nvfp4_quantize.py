@@ -223,3 +223,18 @@ def test_global_scale_is_one_true_division():
     np.testing.assert_array_equal(got, want)
     twice = (2688.0 * (1.0 / amax.double()).float().double()).float().numpy()
     assert (twice != want).any()  # the two-rounding formula really differs somewhere
+
+
+@pytest.mark.parametrize("block_2d", [False, True])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_fast_fake_quantize_equals_packed_tensor_path(block_2d, stochastic):
+    """The emulation fast path (no codes, no packing) is bit-identical to NVFP4Tensor."""
+    from transformers_nemotron3.nvfp4 import fake_quantize
+
+    x = _hard_tensor(40, 72, seed=7)
+    q = NVFP4Tensor.quantize(x, block_2d=block_2d, stochastic=stochastic, generator=torch.Generator().manual_seed(9))
+    local, s_dec = fake_quantize(x, block_2d=block_2d, stochastic=stochastic, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(local, q.dequantize(apply_global_scale=False))
+    assert torch.equal(s_dec, q.global_decode_scale)
+    v, s = fake_quantize(torch.randn(24))  # 1-D input keeps its shape
+    assert v.shape == (24,) and s.dim() == 0

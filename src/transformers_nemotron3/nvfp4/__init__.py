@@ -29,6 +29,8 @@ from .format import (
     e2m1_decode,
     e2m1_encode_rne,
     e2m1_encode_stochastic,
+    e2m1_round_rne,
+    e2m1_round_stochastic,
     e4m3_saturating_cast,
     pack_nibbles,
     unpack_nibbles,
@@ -38,7 +40,7 @@ from .grouped import NVFP4GroupedGemm, grouped_mm_reference, nvfp4_grouped_mm
 from .hadamard import TE_WGRAD_SIGNS, inverse_random_hadamard_transform, random_hadamard_transform, rht_matrix
 from .linear import NVFP4Linear, NVFP4LinearFunction, nvfp4_linear
 from .plugin import nvfp4_summary, prepare_nvfp4, switch_to_bf16
-from .quantize import NVFP4Tensor, global_encode_scale, quantize_dequantize
+from .quantize import NVFP4Tensor, fake_quantize, global_encode_scale, quantize_dequantize
 from .recipe import SUPER_BF16_PATTERNS, LayerDecision, NVFP4Recipe, plan_nvfp4
 
 
@@ -54,7 +56,8 @@ __all__ = [
     "BLOCK_SIZE", "E2M1_MAX", "E2M1_VALUES", "E4M3_MAX", "SUPER_BF16_PATTERNS", "TE_WGRAD_SIGNS",
     "LayerDecision", "NVFP4GemmConfig", "NVFP4GroupedGemm", "NVFP4Linear", "NVFP4LinearFunction",
     "NVFP4Recipe", "NVFP4SwitchToBF16Callback", "NVFP4Tensor",
-    "e2m1_decode", "e2m1_encode_rne", "e2m1_encode_stochastic", "e4m3_saturating_cast",
+    "e2m1_decode", "e2m1_encode_rne", "e2m1_encode_stochastic", "e2m1_round_rne", "e2m1_round_stochastic",
+    "e4m3_saturating_cast", "fake_quantize",
     "global_encode_scale", "grouped_mm_reference", "inverse_random_hadamard_transform",
     "nvfp4_grouped_mm", "nvfp4_linear", "nvfp4_matmul_nt", "nvfp4_summary", "pack_nibbles",
     "plan_nvfp4", "prepare_nvfp4", "quantize_dequantize", "random_hadamard_transform", "rht_matrix",

@@ -58,26 +58,45 @@ def e2m1_encode_rne(x: torch.Tensor) -> torch.Tensor:
     return mag | (torch.signbit(x).to(torch.uint8) << 3)
 
 
-def e2m1_encode_stochastic(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Encode already-scaled values to E2M1 codes with stochastic rounding.
+def _grid_step(a: torch.Tensor) -> torch.Tensor:
+    """Spacing of the E2M1 grid around magnitude ``a``: 0.5 below 2, 1 below 4, 2 above."""
+    return torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
+
+
+def e2m1_round_rne(x: torch.Tensor) -> torch.Tensor:
+    """Round already-scaled FP32 values onto the E2M1 grid (RNE, saturating), returning values.
+
+    Same result as ``e2m1_decode(e2m1_encode_rne(x))`` without building codes: inside each
+    binade the grid is uniform, and an even multiple of the step is exactly an even code, so
+    ``round_half_even(|x| / step) * step`` reproduces the tie rule. Used by the GEMM emulation.
+    """
+    a = x.abs()
+    step = _grid_step(a)
+    q = torch.clamp(torch.round(a / step) * step, max=E2M1_MAX)
+    return torch.copysign(q, x)
+
+
+def e2m1_round_stochastic(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Stochastically round already-scaled values onto the E2M1 grid, returning values.
 
     Follows Transformer Engine's software fallback for ``cvt.rs``: with 8 random bits
-    ``u = r / 256`` and the local grid step ``0.5 / 1 / 2`` for ``|x| < 2 / < 4 / >= 4``,
-    ``t = |x| + u * step`` and the result is ``t`` floored onto the grid (step re-read at
-    ``t``), saturated at 6. A value between two grid points ``lo < |x| < hi`` therefore
-    rounds up with probability ``(|x| - lo) / (hi - lo)`` (to within 1/256), which makes the
-    rounding unbiased in expectation. Values on the grid are returned unchanged.
+    ``u = r / 256`` and the grid step at ``|x|``, ``t = |x| + u * step`` is floored onto the
+    grid (step re-read at ``t``) and saturated at 6. A value between grid points
+    ``lo < |x| < hi`` rounds up with probability ``(|x| - lo) / (hi - lo)`` (to within 1/256),
+    so the rounding is unbiased in expectation; values on the grid are unchanged.
     """
     a = x.abs().float()
     r = torch.randint(0, 256, x.shape, device=x.device, generator=generator, dtype=torch.int32)
-    u = r.float() / 256.0
-    step = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
-    t = a + u * step
-    step_t = torch.where(t < 2.0, 0.5, torch.where(t < 4.0, 1.0, 2.0))
+    t = a + (r.float() / 256.0) * _grid_step(a)
+    step_t = _grid_step(t)
     q = torch.clamp(torch.floor(t / step_t) * step_t, max=E2M1_MAX)
-    # q is on the grid now; RNE maps it to its own code exactly.
-    mag = e2m1_encode_rne(q)
-    return mag | (torch.signbit(x).to(torch.uint8) << 3)
+    return torch.copysign(q, x.float())
+
+
+def e2m1_encode_stochastic(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Encode already-scaled values to E2M1 codes with stochastic rounding (see
+    :func:`e2m1_round_stochastic`). Returns ``uint8`` codes 0..15."""
+    return e2m1_encode_rne(e2m1_round_stochastic(x, generator))
 
 
 def e2m1_decode(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .format import BLOCK_SIZE
 from .hadamard import TE_WGRAD_SIGNS, random_hadamard_transform
-from .quantize import NVFP4Tensor
+from .quantize import NVFP4Tensor, fake_quantize
 
 
 @dataclass(frozen=True)
@@ -91,31 +91,51 @@ def _pad_rows(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, extra)) if extra else x
 
 
-def quantize_weight_fwd(w: torch.Tensor, cfg: NVFP4GemmConfig) -> NVFP4Tensor:
-    """The weight as the Fprop GEMM sees it: 16x16 (or 1x16 along K) blocks, RNE."""
-    return NVFP4Tensor.quantize(w, block_2d=cfg.weight_2d)
+def _qmm_nt(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``a @ b^T`` of two :func:`fake_quantize` results, global scales applied after the GEMM."""
+    (la, sa), (lb, sb) = a, b
+    return (la @ lb.T) * (sa * sb)
 
 
-def fprop(x2: torch.Tensor, w: torch.Tensor, cfg: NVFP4GemmConfig, wq: NVFP4Tensor | None = None) -> torch.Tensor:
-    """``x2 @ w^T`` in FP32 ([T, K] x [N, K] -> [T, N]), quantized when ``cfg.fprop``."""
+QuantizedOperand = tuple[torch.Tensor, torch.Tensor]
+"""``(code * block scale, global decode scale)`` as returned by :func:`fake_quantize`."""
+
+
+def quantize_weight(w: torch.Tensor, cfg: NVFP4GemmConfig) -> QuantizedOperand:
+    """The weight as Fprop sees it: 16x16 (or 1x16 along K) blocks, RNE."""
+    return fake_quantize(w, block_2d=cfg.weight_2d)
+
+
+def fprop(x2: torch.Tensor, w: torch.Tensor, cfg: NVFP4GemmConfig, wq: QuantizedOperand | None = None) -> torch.Tensor:
+    """``x2 @ w^T`` in FP32 ([T, K] x [N, K] -> [T, N]), quantized when ``cfg.fprop``.
+
+    ``wq`` is a precomputed :func:`quantize_weight` result (reused by Dgrad).
+    """
     if not cfg.fprop:
         return x2.float() @ w.float().T
-    wq = wq if wq is not None else quantize_weight_fwd(w, cfg)
-    return nvfp4_matmul_nt(NVFP4Tensor.quantize(x2), wq)
+    return _qmm_nt(fake_quantize(x2), wq if wq is not None else quantize_weight(w, cfg))
 
 
 def dgrad(
-    dy2: torch.Tensor, w: torch.Tensor, cfg: NVFP4GemmConfig, generator: torch.Generator | None = None
+    dy2: torch.Tensor,
+    w: torch.Tensor,
+    cfg: NVFP4GemmConfig,
+    generator: torch.Generator | None = None,
+    wq: QuantizedOperand | None = None,
 ) -> torch.Tensor:
     """``dy2 @ w`` in FP32 ([T, N] x [N, K] -> [T, K]), quantized when ``cfg.dgrad``.
 
-    W^T is blocked along N: with 2-D blocks its codes are the transpose of the Fprop codes.
+    W^T is blocked along N. With 2-D blocks its codes are the transpose of the Fprop codes,
+    so a Fprop ``wq`` (from :func:`quantize_weight`) is reused instead of re-quantizing.
     """
     if not cfg.dgrad:
         return dy2.float() @ w.float()
-    dyq = NVFP4Tensor.quantize(dy2, stochastic=cfg.stochastic_rounding, generator=generator)
-    wtq = NVFP4Tensor.quantize(w.T, block_2d=cfg.weight_2d)
-    return nvfp4_matmul_nt(dyq, wtq)
+    dyq = fake_quantize(dy2, stochastic=cfg.stochastic_rounding, generator=generator)
+    if cfg.weight_2d and wq is not None:
+        wtq = (wq[0].T.contiguous(), wq[1])
+    else:
+        wtq = fake_quantize(w.T, block_2d=cfg.weight_2d)
+    return _qmm_nt(dyq, wtq)
 
 
 def wgrad(
@@ -133,5 +153,5 @@ def wgrad(
     if cfg.wgrad_rht:
         dyt = random_hadamard_transform(dyt, signs=cfg.rht_signs, bf16=cfg.rht_bf16)
         xt = random_hadamard_transform(xt, signs=cfg.rht_signs, bf16=cfg.rht_bf16)
-    dyq = NVFP4Tensor.quantize(dyt, stochastic=cfg.stochastic_rounding, generator=generator)
-    return nvfp4_matmul_nt(dyq, NVFP4Tensor.quantize(xt))
+    dyq = fake_quantize(dyt, stochastic=cfg.stochastic_rounding, generator=generator)
+    return _qmm_nt(dyq, fake_quantize(xt))

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from .gemm import NVFP4GemmConfig, dgrad, fprop, wgrad
+from .gemm import NVFP4GemmConfig, dgrad, fprop, quantize_weight, wgrad
 
 
 def grouped_mm_reference(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -46,22 +46,29 @@ class NVFP4GroupedMMFunction(torch.autograd.Function):
                 cfg: NVFP4GemmConfig, generator: torch.Generator | None) -> torch.Tensor:
         sizes = counts.tolist()
         out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        reuse = cfg.fprop and cfg.dgrad and cfg.weight_2d
         with torch.autocast(x.device.type, enabled=False):
-            outs = [fprop(xe, we, cfg) for xe, we, n in zip(torch.split(x, sizes), weight, sizes) if n > 0]
-        ctx.save_for_backward(x, weight)
+            # Per-expert weight quantization, kept for Dgrad (W^T has the same 2-D codes).
+            wq = [quantize_weight(we, cfg) if (reuse and n > 0) else None for we, n in zip(weight, sizes)]
+            outs = [fprop(xe, we, cfg, q) for xe, we, q, n in zip(torch.split(x, sizes), weight, wq, sizes) if n > 0]
+        saved_q = [t for q in wq if q is not None for t in q]
+        ctx.save_for_backward(x, weight, *saved_q)
+        ctx.wq_present = [q is not None for q in wq]
         ctx.sizes, ctx.cfg, ctx.generator = sizes, cfg, generator
         out = torch.cat(outs) if outs else x.new_zeros(0, weight.shape[1], dtype=torch.float32)
         return out.to(out_dtype)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
+        x, weight, *flat_q = ctx.saved_tensors
         cfg, sizes, gen = ctx.cfg, ctx.sizes, ctx.generator
+        it = iter(flat_q)
+        wq = [(next(it), next(it)) if present else None for present in ctx.wq_present]
         dx = dw = None
         with torch.autocast(dy.device.type, enabled=False):
             pieces = list(zip(torch.split(x, sizes), torch.split(dy, sizes), weight, sizes))
             if ctx.needs_input_grad[0]:
-                dxs = [dgrad(dye, we, cfg, gen) for xe, dye, we, n in pieces if n > 0]
+                dxs = [dgrad(dye, we, cfg, gen, q) for (xe, dye, we, n), q in zip(pieces, wq) if n > 0]
                 dx = (torch.cat(dxs) if dxs else torch.zeros_like(x, dtype=torch.float32)).to(x.dtype)
             if ctx.needs_input_grad[1]:
                 dw = torch.stack([

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .gemm import NVFP4GemmConfig, dgrad, fprop, wgrad
+from .gemm import NVFP4GemmConfig, dgrad, fprop, quantize_weight, wgrad
 
 
 def _output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -38,23 +38,25 @@ class NVFP4LinearFunction(torch.autograd.Function):
         out_dtype = _output_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
-            y = fprop(x2, weight, cfg)
+            reuse = cfg.fprop and cfg.dgrad and cfg.weight_2d
+            wq = quantize_weight(weight, cfg) if reuse else None
+            y = fprop(x2, weight, cfg, wq)
             if bias is not None:
                 y = y + bias.float()
-        ctx.save_for_backward(x2, weight)
+        ctx.save_for_backward(x2, weight, *(wq if wq is not None else ()))
         ctx.cfg, ctx.generator, ctx.has_bias = cfg, generator, bias is not None
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return y.reshape(*x.shape[:-1], weight.shape[0]).to(out_dtype)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor):  # type: ignore[override]
-        x2, weight = ctx.saved_tensors
+        x2, weight, *wq = ctx.saved_tensors
         cfg: NVFP4GemmConfig = ctx.cfg
         with torch.autocast(dy.device.type, enabled=False):
             dy2 = dy.reshape(-1, dy.shape[-1])
             dx = dw = db = None
             if ctx.needs_input_grad[0]:
-                dx = dgrad(dy2, weight, cfg, ctx.generator).reshape(ctx.x_shape).to(ctx.x_dtype)
+                dx = dgrad(dy2, weight, cfg, ctx.generator, tuple(wq) if wq else None).reshape(ctx.x_shape).to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
                 dw = wgrad(dy2, x2, cfg, ctx.generator).to(weight.dtype)
             if ctx.has_bias and ctx.needs_input_grad[2]:

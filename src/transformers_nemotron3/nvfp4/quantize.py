@@ -31,6 +31,8 @@ from .format import (
     e2m1_decode,
     e2m1_encode_rne,
     e2m1_encode_stochastic,
+    e2m1_round_rne,
+    e2m1_round_stochastic,
     e4m3_saturating_cast,
     pack_nibbles,
     unpack_nibbles,
@@ -66,6 +68,39 @@ def _block_amax(xp: torch.Tensor, block_2d: bool) -> torch.Tensor:
     tiles = a.reshape(*lead, rows // BLOCK_SIZE, BLOCK_SIZE, cols // BLOCK_SIZE, BLOCK_SIZE)
     tile_amax = tiles.amax(dim=(-3, -1))  # [..., R/16, C/16]
     return tile_amax.repeat_interleave(BLOCK_SIZE, dim=-2)
+
+
+def _prepare(x: torch.Tensor, block_2d: bool, amax: torch.Tensor | None):
+    """Validate, pad, and compute the scale chain (steps 1-4).
+
+    Returns ``(xp, scales, enc_b, amax)``: the FP32 padded input (1-D inputs as one row), the
+    E4M3 block scales ``[..., R, Cp/16]`` (padded rows included), their FP32 encode factors,
+    and the FP32 tensor amax.
+    """
+    if not x.is_floating_point():
+        raise ValueError(f"NVFP4 quantizes floating-point tensors, got dtype {x.dtype}; cast it first.")
+    if x.dim() < (2 if block_2d else 1):
+        raise ValueError(
+            f"2-D (16x16) NVFP4 blocks need a tensor with at least 2 dimensions, got shape "
+            f"{tuple(x.shape)}; use block_2d=False for vectors."
+        )
+    xf = x.float()
+    if xf.dim() == 1:
+        xf = xf.unsqueeze(0)
+    amax = (xf.abs().amax() if amax is None else amax).float()
+    s_enc = global_encode_scale(amax)
+    s_dec = 1.0 / s_enc
+    xp = _pad_to_block(xf, 2 if block_2d else 1)
+    block_amax = _block_amax(xp, block_2d)
+    one_sixth = torch.tensor(1.0 / 6.0, dtype=torch.float32, device=x.device)
+    scales = e4m3_saturating_cast(block_amax * (s_enc * one_sixth))
+    enc_b = torch.clamp(1.0 / (scales.float() * s_dec), max=FLT_MAX)
+    return xp, scales, enc_b, amax
+
+
+def _blocks(t: torch.Tensor) -> torch.Tensor:
+    """View ``[..., C]`` as ``[..., C/16, 16]``."""
+    return t.reshape(*t.shape[:-1], t.shape[-1] // BLOCK_SIZE, BLOCK_SIZE)
 
 
 @dataclass
@@ -124,31 +159,11 @@ class NVFP4Tensor:
                 ``x.abs().max()``. Pass ``x.abs().amax(dim=(-2, -1), keepdim=True)`` to give
                 every leading index (expert) its own global scale.
         """
-        if not x.is_floating_point():
-            raise ValueError(f"NVFP4 quantizes floating-point tensors, got dtype {x.dtype}; cast it first.")
-        if x.dim() < (2 if block_2d else 1):
-            raise ValueError(
-                f"2-D (16x16) NVFP4 blocks need a tensor with at least 2 dimensions, got shape "
-                f"{tuple(x.shape)}; use block_2d=False for vectors."
-            )
         shape = x.shape
-        xf = x.float()
-        if xf.dim() == 1:
-            xf = xf.unsqueeze(0)
-        if amax is None:
-            amax = xf.abs().amax()
-        amax = amax.float()
-        s_enc = global_encode_scale(amax)
-        s_dec = 1.0 / s_enc
-
-        xp = _pad_to_block(xf, 2 if block_2d else 1)
-        block_amax = _block_amax(xp, block_2d)
-        one_sixth = torch.tensor(1.0 / 6.0, dtype=torch.float32, device=x.device)
-        scales = e4m3_saturating_cast(block_amax * (s_enc * one_sixth))
-        enc_b = torch.clamp(1.0 / (scales.float() * s_dec), max=FLT_MAX)
-        scaled = xp * enc_b.repeat_interleave(BLOCK_SIZE, dim=-1)
+        xp, scales, enc_b, amax = _prepare(x, block_2d, amax)
+        scaled = (_blocks(xp) * enc_b.unsqueeze(-1)).reshape(xp.shape)
         codes = e2m1_encode_stochastic(scaled, generator) if stochastic else e2m1_encode_rne(scaled)
-        rows = xf.shape[-2]
+        rows = 1 if x.dim() == 1 else x.shape[-2]
         codes, scales = codes[..., :rows, :], scales[..., :rows, :]
         return cls(pack_nibbles(codes), scales, amax, shape, block_2d)
 
@@ -160,12 +175,36 @@ class NVFP4Tensor:
         then applied to the GEMM output, as the tensor cores do.
         """
         vals = e2m1_decode(self.codes(), torch.float32)
-        vals = vals * self.scales.float().repeat_interleave(BLOCK_SIZE, dim=-1)
+        vals = (_blocks(vals) * self.scales.float().unsqueeze(-1)).reshape(vals.shape)
         if apply_global_scale:
             vals = vals * self.global_decode_scale
         cols = self.shape[-1]
         vals = vals[..., :cols]
         return vals.reshape(self.shape).to(dtype)
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    *,
+    block_2d: bool = False,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+    amax: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fast emulation path: ``(code * s_b, S_dec)`` without building codes or packing.
+
+    Returns the FP32 block-scaled values with ``x``'s shape (exact in BF16) and the FP32 global
+    decode scale; bit-identical to ``NVFP4Tensor.quantize(x, ...).dequantize(
+    apply_global_scale=False)`` (tested), with the same random draws for stochastic rounding.
+    """
+    xp, scales, enc_b, amax = _prepare(x, block_2d, amax)
+    sc = scales.float().unsqueeze(-1)
+    scaled = _blocks(xp) * enc_b.unsqueeze(-1)
+    q = e2m1_round_stochastic(scaled, generator) if stochastic else e2m1_round_rne(scaled)
+    local = (q * sc).reshape(xp.shape)
+    rows = 1 if x.dim() == 1 else x.shape[-2]
+    local = local[..., :rows, : x.shape[-1]].reshape(x.shape)
+    return local, 1.0 / global_encode_scale(amax)
 
 
 def quantize_dequantize(
