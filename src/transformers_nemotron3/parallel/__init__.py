@@ -1,1 +1,30 @@
-"""Parallelism for Nemotron 3 from outside the model (placeholder, filled below)."""
+"""Parallel training for Nemotron 3, applied from outside the single-device model through its seams.
+
+- `Nemotron3ParallelConfig`: cp / ep sizes, token dropping; builds the folded meshes (dp x cp for the
+  dense parts, edp x ep for the experts: MoE parallel folding).
+- `prepare_nemotron3_parallel(model, config)` -> `Nemotron3Parallel`: EP, then CP, then DDP-ready model,
+  plus batch sharding, gradient/loss reduction and full-checkpoint save/load for an Accelerate loop.
+- Building blocks: `apply_expert_parallel`, `AllToAllDispatcher` (dropless or capacity dropping with
+  'probs' / 'position' policies, optional padding to capacity), `apply_context_parallel` +
+  `ContextParallelLM` (zig-zag split, attention K/V all-gather, head-parallel Mamba),
+  `save_full_checkpoint` / `load_full_checkpoint_into`, `reduce_gradients`, `run_processes` (gloo CPU launcher).
+
+See docs/parallelism.md.
+"""
+
+from .accelerate_plugin import Nemotron3Parallel, prepare_nemotron3_parallel
+from .checkpoint import gather_full_state_dict, load_full_checkpoint_into, save_full_checkpoint
+from .config import Nemotron3ParallelConfig
+from .context_parallel import ContextParallelLM, apply_context_parallel, zigzag_positions
+from .dispatcher import AllToAllDispatcher, capacity_keep_mask, expert_capacity
+from .expert_parallel import apply_expert_parallel, dispatch_bytes, is_expert_shard
+from .gradients import mean_over_ranks, reduce_gradients
+from .spawn import run_processes
+
+__all__ = [
+    "Nemotron3ParallelConfig", "prepare_nemotron3_parallel", "Nemotron3Parallel",
+    "apply_expert_parallel", "AllToAllDispatcher", "capacity_keep_mask", "expert_capacity", "dispatch_bytes",
+    "is_expert_shard", "apply_context_parallel", "ContextParallelLM", "zigzag_positions",
+    "save_full_checkpoint", "load_full_checkpoint_into", "gather_full_state_dict",
+    "reduce_gradients", "mean_over_ranks", "run_processes",
+]

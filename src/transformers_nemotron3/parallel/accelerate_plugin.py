@@ -1,0 +1,131 @@
+"""One call that makes a built Nemotron 3 model parallel before ``accelerator.prepare``.
+
+Accelerate has no expert-parallel axis and its context parallelism only shards SDPA (no Mamba), and it
+has no plugin registry, so the model is converted first and then handed to ``accelerator.prepare``::
+
+    accelerator = Accelerator()                       # initialises the process group (gloo / nccl)
+    par = prepare_nemotron3_parallel(model, Nemotron3ParallelConfig(context_parallel_size=2,
+                                                                    expert_parallel_size=2))
+    model, optimizer = accelerator.prepare(par.model, optimizer)   # DDP for the dense parameters
+    for global_batch in loader:                       # every rank reads the same global batch
+        out = model(**par.shard_batch(global_batch))
+        accelerator.backward(out.loss)
+        par.reduce_expert_gradients()                 # experts are not DDP's business
+        optimizer.step(); optimizer.zero_grad()
+
+Order applied: (1) expert parallelism (experts sliced over ep, all-to-all dispatchers), (2) context
+parallelism (attention / Mamba forwards swapped, model wrapped in `ContextParallelLM`), (3) data
+parallel: expert shards are put on DDP's ignore list (their gradients are reduced over the edp group
+by `reduce_expert_gradients`), the dense parameters are left to Accelerate's DDP, which averages over
+all ranks. Without Accelerate/DDP call `reduce_gradients()` instead, which does both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import load_full_checkpoint_into, save_full_checkpoint
+from .config import Nemotron3ParallelConfig
+from .context_parallel import ContextParallelLM, apply_context_parallel
+from .expert_parallel import apply_expert_parallel, dispatch_bytes, is_expert_shard, moe_layers
+from .gradients import mean_over_ranks, reduce_gradients
+
+
+@dataclass
+class Nemotron3Parallel:
+    """What `prepare_nemotron3_parallel` returns: the model to hand to Accelerate plus the loop helpers."""
+
+    model: nn.Module  # the module to train (a `ContextParallelLM` when cp > 1)
+    base: nn.Module  # the `Nemotron3ForCausalLM` inside it
+    config: Nemotron3ParallelConfig
+    dense_mesh: object
+    expert_mesh: object
+    groups: dict = field(default_factory=dict)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dense_mesh.get_coordinate()[0]
+
+    def shard_batch(self, batch: dict) -> dict:
+        """Keep this rank's data-parallel slice of a global batch (dim 0 split over dp; cp ranks share it,
+        `ContextParallelLM` then takes the zig-zag slice of the sequence). ``labels`` default to ``input_ids``."""
+        out = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                if value.shape[0] % self.config.dp:
+                    raise ValueError(f"batch[{key!r}] has {value.shape[0]} rows; it must be a multiple of the "
+                                     f"data-parallel size {self.config.dp}.")
+                per = value.shape[0] // self.config.dp
+                value = value[self.dp_rank * per:(self.dp_rank + 1) * per]
+            out[key] = value
+        out.setdefault("labels", out["input_ids"])
+        return out
+
+    def reduce_expert_gradients(self) -> None:
+        """Expert-shard gradients: sum over the edp group, divide by the world (matches DDP's dense mean)."""
+        world = dist.get_world_size()
+        edp = self.groups["edp"]
+        for p in self.base.parameters():
+            if p.grad is not None and is_expert_shard(p):
+                if dist.get_world_size(edp) > 1:
+                    dist.all_reduce(p.grad, group=edp)
+                p.grad /= world
+
+    def reduce_gradients(self) -> None:
+        """Dense and expert gradients, for loops that do not wrap the model in DDP."""
+        reduce_gradients(self.base, self.groups["edp"])
+
+    def mean_loss(self, loss: torch.Tensor) -> float:
+        """The global mean loss for logging (mean over dp; cp ranks already hold the sequence loss)."""
+        return float(mean_over_ranks(loss))
+
+    def sync_expert_load(self) -> None:
+        """Sum router token counts over all ranks so ``update_expert_bias`` acts on global loads."""
+        for moe in moe_layers(self.base):
+            if moe.gate.expert_load is not None:
+                dist.all_reduce(moe.gate.expert_load)
+
+    def dispatch_bytes(self, reset: bool = True) -> int:
+        return dispatch_bytes(self.base, reset)
+
+    def save_checkpoint(self, path, **save_kwargs) -> None:
+        save_full_checkpoint(self.base, path, self.groups["ep"], **save_kwargs)
+
+    def load_checkpoint(self, path) -> None:
+        load_full_checkpoint_into(self.base, path)
+
+
+def prepare_nemotron3_parallel(model: nn.Module, config: Nemotron3ParallelConfig,
+                               device_type: str | None = None) -> Nemotron3Parallel:
+    """Apply EP, then CP, then mark expert shards for DDP; needs an initialised process group."""
+    if not dist.is_initialized():
+        raise ValueError("prepare_nemotron3_parallel needs torch.distributed initialised: create the "
+                         "`Accelerator()` (or call init_process_group) first.")
+    if config.data_parallel_mode != "replicate":
+        raise ValueError(f"data_parallel_mode={config.data_parallel_mode!r} (FSDP2 sharding of the dense part) is "
+                         "not implemented yet; use 'replicate'.")
+    config.validate(model.config)
+    if device_type is None:
+        device_type = next(model.parameters()).device.type
+    dense, expert = config.build_meshes(device_type)
+    groups = {"dp": dense["dp"].get_group(), "cp": dense["cp"].get_group(),
+              "edp": expert["edp"].get_group(), "ep": expert["ep"].get_group()}
+    if config.ep > 1 or config.capacity_factor is not None:
+        apply_expert_parallel(model, groups["ep"] if config.ep > 1 else None, config.capacity_factor,
+                              config.drop_policy, config.pad_to_capacity)
+    wrapped = model
+    if config.cp > 1:
+        wrapped = ContextParallelLM(model, apply_context_parallel(model, groups["cp"]),
+                                    pad_token_id=model.config.pad_token_id or 0)
+    prefix = "model." if wrapped is not model else ""
+    ignore = [prefix + n for n, p in model.named_parameters() if is_expert_shard(p)]
+    if ignore:  # read by torch DDP: these parameters are neither broadcast nor all-reduced by DDP
+        wrapped._ddp_params_and_buffers_to_ignore = ignore
+    return Nemotron3Parallel(wrapped, model, config, dense, expert, groups)
+
+
+__all__ = ["prepare_nemotron3_parallel", "Nemotron3Parallel"]
