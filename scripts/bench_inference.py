@@ -35,7 +35,7 @@ CONFIGS = {
     "tiny": dict(
         vocab_size=8192, hidden_size=512, hybrid_override_pattern="MEMEM*EM", num_attention_heads=8,
         num_key_value_heads=2, head_dim=64, mamba_num_heads=16, mamba_head_dim=64, n_groups=4, ssm_state_size=64,
-        conv_kernel=4, chunk_size=128, n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=512,
+        conv_kernel=4, chunk_size=128, n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=256,
         moe_shared_expert_intermediate_size=1024, intermediate_size=1536, routed_scaling_factor=2.5,
     ),
     # ~300M parameters, Nano-like ratios (Nano: hidden 2688, 128 experts top-6, expert width 0.69 h,
@@ -43,7 +43,7 @@ CONFIGS = {
     "small": dict(
         vocab_size=16384, hidden_size=1024, hybrid_override_pattern="MEMEM*EMEMEM*EME", num_attention_heads=16,
         num_key_value_heads=2, head_dim=64, mamba_num_heads=32, mamba_head_dim=64, n_groups=8, ssm_state_size=128,
-        conv_kernel=4, chunk_size=128, n_routed_experts=32, num_experts_per_tok=6, moe_intermediate_size=704,
+        conv_kernel=4, chunk_size=128, n_routed_experts=32, num_experts_per_tok=6, moe_intermediate_size=384,
         moe_shared_expert_intermediate_size=1408, intermediate_size=2816, routed_scaling_factor=2.5,
     ),
 }

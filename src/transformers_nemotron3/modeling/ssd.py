@@ -57,26 +57,35 @@ def ssd_chunked(
             seq_idx[:, length:] = seq_idx[:, length - 1 : length]
     nc, cs = (length + pad) // chunk_size, chunk_size
 
-    xdt = (x * dt[..., None]).view(b, nc, cs, g, r, p)
-    Bc = B.view(b, nc, cs, g, n)
-    Cc = C.view(b, nc, cs, g, n)
-    dA = (dt * A).view(b, nc, cs, g, r).permute(0, 3, 4, 1, 2)  # [b, g, r, c, cs]
-    A_cum = torch.cumsum(dA, dim=-1)
-
-    # 1. inside each chunk: y_i = sum_{j<=i} (C_i . B_j) exp(A_cum_i - A_cum_j) dt_j x_j
-    L = torch.exp(_segsum(dA))  # [b, g, r, c, i, j]
+    # layout [b, c, g, r, cs, ...]: one batched matmul per contraction (no 3-operand einsums)
+    xdt = (x * dt[..., None]).view(b, nc, cs, g, r, p).permute(0, 1, 3, 4, 2, 5)  # [b, c, g, r, cs, p]
+    Bc = B.view(b, nc, cs, g, n).transpose(2, 3)  # [b, c, g, cs, n]
+    Cc = C.view(b, nc, cs, g, n).transpose(2, 3)
+    A_cum = torch.cumsum((dt * A).view(b, nc, cs, g, r).permute(0, 1, 3, 4, 2), dim=-1)  # [b, c, g, r, cs]
     if seq_idx is not None:
         sc = seq_idx.view(b, nc, cs)
-        same = sc[:, :, :, None] == sc[:, :, None, :]  # [b, c, i, j]
-        L = L * same[:, None, None]
-    CB = torch.einsum("bcign,bcjgn->bgcij", Cc, Bc)
-    y = torch.einsum("bgcij,bgrcij,bcjgrp->bcigrp", CB, L, xdt)
+
+    # 1. inside each chunk: y_i = sum_{j<=i} (C_i . B_j) exp(A_cum_i - A_cum_j) dt_j x_j
+    causal = torch.ones(cs, cs, dtype=torch.bool, device=x.device).tril()
+    L = (A_cum[..., :, None] - A_cum[..., None, :]).masked_fill_(~causal, float("-inf"))
+    CB = torch.matmul(Cc, Bc.transpose(-1, -2))[:, :, :, None]  # (C_i . B_j) per group
+    if torch.is_grad_enabled() and (x.requires_grad or dt.requires_grad or B.requires_grad or C.requires_grad
+                                    or A.requires_grad):
+        L = L.exp() * CB  # autograd keeps the exp output: no in-place ops on it
+        if seq_idx is not None:
+            L = L * (sc[:, :, :, None] == sc[:, :, None, :])[:, :, None, None]
+    else:  # inference: reuse one buffer (the largest tensor of the scan)
+        L = L.exp_().mul_(CB)
+        if seq_idx is not None:
+            L.mul_((sc[:, :, :, None] == sc[:, :, None, :])[:, :, None, None])
+    y = torch.matmul(L, xdt)  # [b, c, g, r, i, p]
+    del L
 
     # 2. each chunk's own contribution to the state at its end
-    decay_to_end = torch.exp(A_cum[..., -1:] - A_cum)  # [b, g, r, c, cs]
+    decay_to_end = torch.exp(A_cum[..., -1:] - A_cum)  # [b, c, g, r, cs]
     if seq_idx is not None:
-        decay_to_end = decay_to_end * (sc == sc[:, :, -1:])[:, None, None]
-    chunk_states = torch.einsum("bcjgn,bgrcj,bcjgrp->bcgrpn", Bc, decay_to_end, xdt)
+        decay_to_end = decay_to_end * (sc == sc[:, :, -1:])[:, :, None, None]
+    chunk_states = torch.matmul((xdt * decay_to_end[..., None]).transpose(-1, -2), Bc[:, :, :, None])  # [b,c,g,r,p,n]
 
     # 3. states at chunk boundaries: entry 0 is the initial state, entry c+1 the state after chunk c
     if initial_state is None:
@@ -84,21 +93,22 @@ def ssd_chunked(
     else:
         init = initial_state.float().view(b, 1, g, r, p, n)
     states = torch.cat([init, chunk_states], dim=1)  # [b, c+1, g, r, p, n]
-    chunk_decay = _segsum(F.pad(A_cum[..., -1], (1, 0)))  # [b, g, r, c+1, c+1]
+    chunk_decay = _segsum(F.pad(A_cum[..., -1].permute(0, 2, 3, 1), (1, 0)))  # [b, g, r, c+1, c+1]
     transfer = torch.exp(chunk_decay)
     if seq_idx is not None:
         owner = torch.cat([sc[:, :1, 0], sc[:, :, -1]], dim=1)  # sequence owning each boundary state
         transfer = transfer * (owner[:, :, None] == owner[:, None, :])[:, None, None]
-    boundary = torch.einsum("bgrzc,bcgrpn->bzgrpn", transfer, states)
+    boundary = torch.einsum("bgrzc,bcgrq->bzgrq", transfer, states.flatten(-2)).view(b, nc + 1, g, r, p, n)
     start_states, final_state = boundary[:, :-1], boundary[:, -1]
 
-    # 4. contribution of the state entering each chunk
-    decay_in = torch.exp(A_cum)  # [b, g, r, c, cs]
+    # 4. contribution of the state entering each chunk: exp(A_cum_i) * (S_start C_i)
+    decay_in = torch.exp(A_cum)  # [b, c, g, r, cs]
     if seq_idx is not None:
-        decay_in = decay_in * (sc == owner[:, :-1, None])[:, None, None]
-    y = y + torch.einsum("bcign,bcgrpn,bgrci->bcigrp", Cc, start_states, decay_in)
+        decay_in = decay_in * (sc == owner[:, :-1, None])[:, :, None, None]
+    y_in = torch.matmul(Cc[:, :, :, None], start_states.transpose(-1, -2))  # [b, c, g, r, i, p]
+    y = y + y_in * decay_in[..., None]
 
-    y = y.reshape(b, nc * cs, h, p)[:, :length]
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, nc * cs, h, p)[:, :length]
     if D is not None:
         y = y + x[:, :length] * D.float()[:, None]
     return y, final_state.reshape(b, h, p, n)
