@@ -179,7 +179,8 @@ def test_stalled_worker_is_not_waited_for_and_rejoins(tmp_path):
 
 
 def test_four_workers_async_all_contribute():
-    config = DGSConfig(ratio=0.01, total_updates=200, resync_every=25, progress=False)
+    # lr 0.05: four asynchronous velocities add up; lr 0.1 sits at the edge of divergence here
+    config = DGSConfig(ratio=0.01, lr=0.05, total_updates=200, resync_every=25, progress=False)
     out = launch_local(_train, 5, args=(config, 1000), timeout=60)
     server = out[0]["server"]
     assert server.updates == 200 and sum(server.updates_per_worker.values()) == 200
@@ -191,7 +192,7 @@ def test_four_workers_async_all_contribute():
     assert server.full_replies == 4 + sum(n // 25 for n in server.updates_per_worker.values())  # periodic resync
     model = make_model()
     model.load_state_dict(out[0]["state"])
-    assert eval_loss(model) < 0.8 * eval_loss(make_model())
+    assert eval_loss(model) < 0.5 * eval_loss(make_model())
 
 
 def test_sync_mode_applies_the_mean_of_all_workers():
@@ -206,6 +207,6 @@ def test_sync_mode_applies_the_mean_of_all_workers():
         for it in data:
             (mse(model, next(it)) / 2).backward()
         opt.step()
-    assert out[0]["server"].updates == 10 and out[0]["server"].update_messages == 20
+    assert out[0]["server"].updates == 10 and out[0]["server"].updates_per_worker == {1: 10, 2: 10}
     for name, value in model.state_dict().items():
         torch.testing.assert_close(out[0]["state"][name], value, rtol=1e-5, atol=1e-6)
