@@ -130,3 +130,33 @@ def test_freeze_router(tokenizer, freeze):
     assert all(torch.equal(g.e_score_correction_bias, b) for g, b in zip(gates, biases))
     assert (not any(moved)) if freeze else any(moved)
     assert not torch.equal(trainer.model.lm_head.weight, head)  # the rest of the model still trains
+
+
+def test_grpo_with_mtp_model_checkpointing_and_bias_updates(tokenizer):
+    """LatentMoE + MTP model, gradient checkpointing, aux-loss-free updates: trains, no TRL aux loss."""
+    torch.manual_seed(0)
+    model = Nemotron3ForCausalLM(tiny_config("latent_groups_mtp", vocab_size=len(tokenizer),
+                                             moe_bias_update_rate=1e-2))
+    args = Nemotron3GRPOConfig(output_dir="/tmp/nemotron3-grpo-test", use_cpu=True, bf16=False, max_steps=2,
+                               report_to="none", per_device_train_batch_size=4, num_generations=2,
+                               max_completion_length=6, learning_rate=1e-2, num_tasks=8, disable_tqdm=True,
+                               save_strategy="no", update_expert_bias=True, gradient_checkpointing=True)
+    assert args.router_aux_loss_coef == 0.0
+    trainer = Nemotron3GRPOTrainer(model=model, environments={"digits": DigitsEnvironment}, args=args,
+                                   processing_class=tokenizer)
+    biases = [g.e_score_correction_bias.clone() for g in router_modules(model)]
+    trainer.train()
+    assert any(not torch.equal(g.e_score_correction_bias, b) for g, b in zip(router_modules(model), biases))
+    assert "aux_loss" not in trainer.state.log_history[0]
+
+
+def test_example_grpo_multi_env_runs(tmp_path, monkeypatch):
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "grpo_multi_env.py"
+    monkeypatch.setattr("sys.argv", [str(script), "--steps", "2", "--output-dir", str(tmp_path)])
+    runpy.run_path(str(script), run_name="__main__")
+    history = json.loads((tmp_path / "log_history.json").read_text())
+    assert any("env/digits/reward" in h for h in history)
+    assert (tmp_path / "reward.png").stat().st_size > 1000

@@ -135,3 +135,13 @@ def test_expert_bias_update_can_be_turned_off(tokenizer):
 def test_bad_ratio_is_a_value_error():
     with pytest.raises(ValueError, match="thinking_off_ratio"):
         Nemotron3SFTConfig(output_dir="/tmp/x", thinking_off_ratio=1.5, use_cpu=True, bf16=False)
+
+
+def test_example_sft_runs(tmp_path, monkeypatch):
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "sft.py"
+    monkeypatch.setattr("sys.argv", [str(script), "--steps", "2", "--output-dir", str(tmp_path)])
+    runpy.run_path(str(script), run_name="__main__")
+    assert (tmp_path / "loss.png").stat().st_size > 1000

@@ -45,6 +45,10 @@ class Nemotron3GRPOConfig(GRPOConfig):
         thinking_grace_period: extra tokens allowed after the budget to end on a newline.
         freeze_router: keep router weights and correction biases fixed during RL.
         update_expert_bias: call ``model.update_expert_bias`` after each step (ignored with freeze_router).
+
+    ``router_aux_loss_coef`` defaults to 0 here: TRL's GRPO adds Mixtral's softmax load-balancing loss on
+    the router logits, which is not the sigmoid-router sequence aux loss Nemotron 3 trains with. Set it
+    explicitly to opt in.
     """
 
     environment_weights: dict | None = field(default=None, metadata={"help": "{environment name: weight}"})
@@ -62,6 +66,8 @@ class Nemotron3GRPOConfig(GRPOConfig):
             if bad or not any(self.environment_weights.values()):
                 raise ValueError(f"environment_weights={self.environment_weights} need non-negative numbers, "
                                  "at least one positive")
+        if self.router_aux_loss_coef is None:
+            self.router_aux_loss_coef = 0.0
         if self.thinking_budget is not None and self.thinking_budget < 0:
             raise ValueError(f"thinking_budget={self.thinking_budget} must be >= 0 or None")
         super().__post_init__()
