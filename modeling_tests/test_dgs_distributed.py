@@ -210,3 +210,23 @@ def test_sync_mode_applies_the_mean_of_all_workers():
     assert out[0]["server"].updates == 10 and out[0]["server"].updates_per_worker == {1: 10, 2: 10}
     for name, value in model.state_dict().items():
         torch.testing.assert_close(out[0]["state"][name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_restarted_job_resumes_from_server_checkpoint(tmp_path):
+    """After a crash the job restarts with resume_from: server and workers continue from the saved model."""
+    path = str(tmp_path / "server.pt")
+    first = launch_local(_train, 3, args=(DGSConfig(ratio=0.01, lr=0.05, total_updates=100, checkpoint_path=path,
+                                                    progress=False), 1000), timeout=60)
+    saved = load_checkpoint(path)
+    assert saved["step"] == 100
+    config = DGSConfig(ratio=0.01, lr=0.05, total_updates=160, resume_from=path, progress=False)
+    second = launch_local(_train, 3, args=(config, 1000), timeout=60)
+    server = second[0]["server"]
+    assert server.updates == 160 and sum(server.updates_per_worker.values()) == 60  # only the missing updates
+    assert min(second[k]["worker"].server_steps[0] for k in (1, 2)) > 100  # workers joined at the saved step
+    model = make_model()
+    model.load_state_dict(second[0]["state"])
+    first_model = make_model()
+    first_model.load_state_dict(first[0]["state"])
+    assert eval_loss(model) < eval_loss(make_model())
+    assert eval_loss(model) < 1.5 * eval_loss(first_model)  # continued, did not restart from scratch
