@@ -1,6 +1,5 @@
 """Nemotron3SFTTrainer: chat template, thinking mix, assistant-only masking, packing, MoE/MTP losses."""
 
-import copy
 
 import pytest
 import torch
