@@ -32,10 +32,10 @@ def main() -> None:
     if "RANK" not in os.environ:
         raise SystemExit("run me under torchrun, e.g. torchrun --nproc_per_node 3 -m transformers_nemotron3.dgs")
     torch.set_num_threads(1)
-    backend = "nccl" if torch.cuda.is_available() and os.environ.get("DGS_BACKEND") == "nccl" else "gloo"
+    # gloo: DGS messages are CPU tensors (a model on a GPU still works, its flat copies live on CPU).
     # A long timeout: gloo turns any expired wait into an error for the whole group, so the group
     # timeout must exceed the longest stall we want to survive; DGS's own timeouts are shorter.
-    dist.init_process_group(backend, timeout=datetime.timedelta(hours=1))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=1))
     from transformers_nemotron3 import Nemotron3Config, Nemotron3ForCausalLM
 
     config = Nemotron3Config(

@@ -14,7 +14,8 @@ class FlatLayout:
     """Names, shapes and offsets of a module's trainable parameters inside one flat vector.
 
     DGS selects the top entries *per layer* (per parameter tensor), so the layout keeps the
-    segment boundaries. Server and workers build the layout from the same architecture, so the
+    segment boundaries. Flat vectors always live on the CPU (the gloo transport sends CPU tensors);
+    ``scatter`` copies them to wherever the module's parameters are. Server and workers build the layout from the same architecture, so the
     indices in a sparse message mean the same thing on both sides.
     """
 
@@ -58,13 +59,13 @@ class FlatLayout:
 
     def gather(self, module: nn.Module) -> torch.Tensor:
         """The module's parameter values as a new flat float32 vector."""
-        return torch.cat([p.detach().reshape(-1) for p in self.parameters(module)]).to(torch.float32)
+        return torch.cat([p.detach().reshape(-1).cpu() for p in self.parameters(module)]).to(torch.float32)
 
     def gather_grads(self, module: nn.Module) -> torch.Tensor:
         """The module's gradients as a flat vector (zeros where a parameter got no gradient)."""
         parts = []
         for p in self.parameters(module):
-            parts.append(torch.zeros(p.numel()) if p.grad is None else p.grad.detach().reshape(-1).float())
+            parts.append(torch.zeros(p.numel()) if p.grad is None else p.grad.detach().reshape(-1).float().cpu())
         return torch.cat(parts)
 
     @torch.no_grad()

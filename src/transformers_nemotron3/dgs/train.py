@@ -36,6 +36,10 @@ def train_dgs(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], config:
     if not dist.is_initialized():
         raise ValueError("torch.distributed is not initialised; launch with torchrun (or accelerate launch) "
                          "and call dist.init_process_group('gloo') first, or use dgs.launch_local for a local test")
+    backend = dist.get_backend()
+    if backend != "gloo":
+        raise ValueError(f"process group backend {backend!r}: DGS sends CPU tensors point to point and needs "
+                         f"'gloo'; call dist.init_process_group('gloo') (a GPU model is fine)")
     world, rank = dist.get_world_size(), dist.get_rank()
     if world < 2:
         raise ValueError(f"world size {world}: DGS needs one server rank and at least one worker rank")
