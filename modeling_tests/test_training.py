@@ -100,3 +100,12 @@ def test_loss_decreases_on_cpu():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_router_aux_loss_coef_alias_controls_the_aux_loss():
+    model = Nemotron3ForCausalLM(tiny_config("all_blocks")).train()
+    x = torch.randint(3, 96, (2, 10))
+    assert model(x, labels=x).aux_loss is None
+    model.config.router_aux_loss_coef = 0.02  # what TRL / Trainer write
+    assert model.config.moe_aux_loss_coef == 0.02
+    assert model(x, labels=x).aux_loss > 0

@@ -298,8 +298,12 @@ class Nemotron3Config(PretrainedConfig):
 
     @property
     def router_aux_loss_coef(self) -> float:
-        """Alias read by transformers' Trainer and TRL."""
+        """Alias of ``moe_aux_loss_coef`` read and written by transformers' Trainer and TRL."""
         return self.moe_aux_loss_coef
+
+    @router_aux_loss_coef.setter
+    def router_aux_loss_coef(self, value: float) -> None:
+        self.moe_aux_loss_coef = float(value)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:

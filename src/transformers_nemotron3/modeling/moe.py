@@ -178,7 +178,7 @@ class Nemotron3MoE(nn.Module):
         else:
             self.fc1_latent_proj = self.fc2_latent_proj = None
         self.dispatcher = LocalDispatcher()
-        self.aux_loss_coef = config.moe_aux_loss_coef
+        self.config = config  # the aux-loss coefficient is read per forward (trainers may change it)
         self.last_router_logits: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
 
@@ -188,8 +188,8 @@ class Nemotron3MoE(nn.Module):
         logits, scores, weights, topk_idx = self.gate(x)
         self.last_router_logits = logits
         self.last_aux_loss = (
-            load_balancing_loss(scores, topk_idx, shape[0], self.num_experts) * self.aux_loss_coef
-            if self.training and self.aux_loss_coef > 0 else None
+            load_balancing_loss(scores, topk_idx, shape[0], self.num_experts) * self.config.moe_aux_loss_coef
+            if self.training and self.config.moe_aux_loss_coef > 0 else None
         )
         routed_in = self.fc1_latent_proj(x) if self.fc1_latent_proj is not None else x
         x_sorted, counts, ctx = self.dispatcher.dispatch(routed_in, topk_idx, self.num_experts)
