@@ -145,3 +145,18 @@ def test_bf16_parameters_give_bf16_gradients():
 def test_shape_mismatch_is_a_value_error():
     with pytest.raises(ValueError, match="in_features"):
         nvfp4_linear(torch.randn(2, 8), torch.randn(4, 16))
+
+
+def test_bf16_gemm_operands_are_exact_and_only_the_output_is_rounded():
+    g = torch.Generator().manual_seed(4)
+    x, w, dy = torch.randn(48, 64, generator=g), torch.randn(32, 64, generator=g), torch.randn(48, 32, generator=g)
+    cfg32 = NVFP4GemmConfig(stochastic_rounding=False)
+    cfg16 = NVFP4GemmConfig(stochastic_rounding=False, gemm_dtype=torch.bfloat16)
+    lx, sx = ref_qdq_local(x)
+    lw, sw = ref_qdq_local(w, True)
+    y16 = _run(x, w, dy, cfg16)[0]
+    assert torch.equal(y16, (lx.bfloat16() @ lw.bfloat16().T).float() * (sx * sw))
+    for a, b in zip(_run(x, w, dy, cfg16), _run(x, w, dy, cfg32)):
+        assert _rel(a, b) < 4e-3  # BF16 output rounding only (2^-9 relative per element)
+    with pytest.raises(ValueError, match="gemm_dtype"):
+        NVFP4GemmConfig(gemm_dtype=torch.float16)
