@@ -230,3 +230,22 @@ def test_restarted_job_resumes_from_server_checkpoint(tmp_path):
     first_model.load_state_dict(first[0]["state"])
     assert eval_loss(model) < eval_loss(make_model())
     assert eval_loss(model) < 1.5 * eval_loss(first_model)  # continued, did not restart from scratch
+
+
+def _mismatched(rank: int, world: int, config: DGSConfig):
+    model = make_model() if rank != 2 else nn.Linear(IN_DIM, 1)  # rank 2 built the wrong model
+    return train_dgs(model, mse, worker_batches(rank, 20), config)
+
+
+def test_worker_with_a_different_model_is_rejected_and_the_rest_trains():
+    out = launch_local(_mismatched, 3, args=(DGSConfig(ratio=0.01, total_updates=30, progress=False),), timeout=60,
+                       allow_failures=True)
+    assert "different parameter names or shapes" in out[2].error
+    server = out[0].server
+    assert server.worker_status[2] == "dead" and server.updates == 20  # rank 1 used all its 20 batches
+    assert server.worker_status[1] == "done"
+
+
+def test_train_dgs_outside_a_process_group_says_how_to_launch():
+    with pytest.raises(ValueError, match="torchrun"):
+        train_dgs(make_model(), mse, [], DGSConfig(progress=False))
