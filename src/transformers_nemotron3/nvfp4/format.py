@@ -59,21 +59,25 @@ def e2m1_encode_rne(x: torch.Tensor) -> torch.Tensor:
 
 
 def _grid_step(a: torch.Tensor) -> torch.Tensor:
-    """Spacing of the E2M1 grid around magnitude ``a``: 0.5 below 2, 1 below 4, 2 above."""
-    return torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
+    """Spacing of the E2M1 grid around magnitude ``a``: 0.5 below 2, 1 below 4, 2 above.
+
+    Computed as ``0.5 * 2**([a >= 2] + [a >= 4])`` with in-place ops (few large allocations:
+    this is the hot loop of the emulation).
+    """
+    s = (a >= 2.0).to(torch.float32)
+    return s.add_(a >= 4.0).exp2_().mul_(0.5)
 
 
 def e2m1_round_rne(x: torch.Tensor) -> torch.Tensor:
     """Round already-scaled FP32 values onto the E2M1 grid (RNE, saturating), returning values.
 
-    Same result as ``e2m1_decode(e2m1_encode_rne(x))`` without building codes: inside each
-    binade the grid is uniform, and an even multiple of the step is exactly an even code, so
-    ``round_half_even(|x| / step) * step`` reproduces the tie rule. Used by the GEMM emulation.
+    Same result as ``e2m1_decode(e2m1_encode_rne(x))`` without building codes (tested): inside
+    each binade the grid is uniform, and an even multiple of the step is exactly an even code,
+    so ``round_half_even(|x| / step) * step`` reproduces the tie rule. Used by the emulation.
     """
-    a = x.abs()
+    a = x.abs().float()
     step = _grid_step(a)
-    q = torch.clamp(torch.round(a / step) * step, max=E2M1_MAX)
-    return torch.copysign(q, x)
+    return a.div_(step).round_().mul_(step).clamp_(max=E2M1_MAX).copysign_(x)
 
 
 def e2m1_round_stochastic(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -87,10 +91,9 @@ def e2m1_round_stochastic(x: torch.Tensor, generator: torch.Generator | None = N
     """
     a = x.abs().float()
     r = torch.randint(0, 256, x.shape, device=x.device, generator=generator, dtype=torch.int32)
-    t = a + (r.float() / 256.0) * _grid_step(a)
+    t = r.to(torch.float32).mul_(1.0 / 256.0).mul_(_grid_step(a)).add_(a)
     step_t = _grid_step(t)
-    q = torch.clamp(torch.floor(t / step_t) * step_t, max=E2M1_MAX)
-    return torch.copysign(q, x.float())
+    return t.div_(step_t).floor_().mul_(step_t).clamp_(max=E2M1_MAX).copysign_(x.float())
 
 
 def e2m1_encode_stochastic(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -59,10 +59,10 @@ def _pad_to_block(x: torch.Tensor, dims: int) -> torch.Tensor:
     return F.pad(x, pad) if any(pad) else x
 
 
-def _block_amax(xp: torch.Tensor, block_2d: bool) -> torch.Tensor:
-    """Block amax per 1x16 block, shape ``[..., R, C/16]`` (2-D tiles replicated per row)."""
-    *lead, rows, cols = xp.shape
-    a = xp.abs()
+def _block_amax(a: torch.Tensor, block_2d: bool) -> torch.Tensor:
+    """Block amax of the padded magnitudes ``a`` per 1x16 block, ``[..., R, C/16]`` (2-D tiles
+    replicated on each of their rows)."""
+    *lead, rows, cols = a.shape
     if not block_2d:
         return a.reshape(*lead, rows, cols // BLOCK_SIZE, BLOCK_SIZE).amax(-1)
     tiles = a.reshape(*lead, rows // BLOCK_SIZE, BLOCK_SIZE, cols // BLOCK_SIZE, BLOCK_SIZE)
@@ -87,11 +87,12 @@ def _prepare(x: torch.Tensor, block_2d: bool, amax: torch.Tensor | None):
     xf = x.float()
     if xf.dim() == 1:
         xf = xf.unsqueeze(0)
-    amax = (xf.abs().amax() if amax is None else amax).float()
+    xp = _pad_to_block(xf, 2 if block_2d else 1)
+    mag = xp.abs()  # zero padding never changes an amax
+    amax = (mag.amax() if amax is None else amax).float()
     s_enc = global_encode_scale(amax)
     s_dec = 1.0 / s_enc
-    xp = _pad_to_block(xf, 2 if block_2d else 1)
-    block_amax = _block_amax(xp, block_2d)
+    block_amax = _block_amax(mag, block_2d)
     one_sixth = torch.tensor(1.0 / 6.0, dtype=torch.float32, device=x.device)
     scales = e4m3_saturating_cast(block_amax * (s_enc * one_sixth))
     enc_b = torch.clamp(1.0 / (scales.float() * s_dec), max=FLT_MAX)
@@ -201,7 +202,7 @@ def fake_quantize(
     sc = scales.float().unsqueeze(-1)
     scaled = _blocks(xp) * enc_b.unsqueeze(-1)
     q = e2m1_round_stochastic(scaled, generator) if stochastic else e2m1_round_rne(scaled)
-    local = (q * sc).reshape(xp.shape)
+    local = q.mul_(sc).reshape(xp.shape)
     rows = 1 if x.dim() == 1 else x.shape[-2]
     local = local[..., :rows, : x.shape[-1]].reshape(x.shape)
     return local, 1.0 / global_encode_scale(amax)
