@@ -15,9 +15,11 @@ has no plugin registry, so the model is converted first and then handed to ``acc
 
 Order applied: (1) expert parallelism (experts sliced over ep, all-to-all dispatchers), (2) context
 parallelism (attention / Mamba forwards swapped, model wrapped in `ContextParallelLM`), (3) data
-parallel: expert shards are put on DDP's ignore list (their gradients are reduced over the edp group
-by `reduce_expert_gradients`), the dense parameters are left to Accelerate's DDP, which averages over
-all ranks. Without Accelerate/DDP call `reduce_gradients()` instead, which does both.
+parallel: with ``data_parallel_mode="replicate"`` expert shards are put on DDP's ignore list (their
+gradients are reduced over the edp group by `reduce_expert_gradients`) and the dense parameters are left
+to Accelerate's DDP, which averages over all ranks; without DDP call `reduce_gradients()`, which does
+both. With ``"shard"`` every block and the root are FSDP2 ``fully_shard``-ed over all ranks with the
+expert shards ignored; then prepare only the optimizer with Accelerate.
 """
 
 from __future__ import annotations
@@ -76,8 +78,11 @@ class Nemotron3Parallel:
                 p.grad /= world
 
     def reduce_gradients(self) -> None:
-        """Dense and expert gradients, for loops that do not wrap the model in DDP."""
-        reduce_gradients(self.base, self.groups["edp"])
+        """Dense and expert gradients, for loops that do not wrap the model in DDP (with FSDP2, experts only)."""
+        if self.config.data_parallel_mode == "shard":
+            self.reduce_expert_gradients()
+        else:
+            reduce_gradients(self.base, self.groups["edp"])
 
     def mean_loss(self, loss: torch.Tensor) -> float:
         """The global mean loss for logging (mean over dp; cp ranks already hold the sequence loss)."""
@@ -105,9 +110,6 @@ def prepare_nemotron3_parallel(model: nn.Module, config: Nemotron3ParallelConfig
     if not dist.is_initialized():
         raise ValueError("prepare_nemotron3_parallel needs torch.distributed initialised: create the "
                          "`Accelerator()` (or call init_process_group) first.")
-    if config.data_parallel_mode != "replicate":
-        raise ValueError(f"data_parallel_mode={config.data_parallel_mode!r} (FSDP2 sharding of the dense part) is "
-                         "not implemented yet; use 'replicate'.")
     config.validate(model.config)
     if device_type is None:
         device_type = next(model.parameters()).device.type
@@ -121,11 +123,33 @@ def prepare_nemotron3_parallel(model: nn.Module, config: Nemotron3ParallelConfig
     if config.cp > 1:
         wrapped = ContextParallelLM(model, apply_context_parallel(model, groups["cp"]),
                                     pad_token_id=model.config.pad_token_id or 0)
-    prefix = "model." if wrapped is not model else ""
-    ignore = [prefix + n for n, p in model.named_parameters() if is_expert_shard(p)]
-    if ignore:  # read by torch DDP: these parameters are neither broadcast nor all-reduced by DDP
-        wrapped._ddp_params_and_buffers_to_ignore = ignore
+    if config.data_parallel_mode == "shard":
+        _fully_shard_dense(model, device_type)
+    else:
+        prefix = "model." if wrapped is not model else ""
+        ignore = [prefix + n for n, p in model.named_parameters() if is_expert_shard(p)]
+        if ignore:  # read by torch DDP: these parameters are neither broadcast nor all-reduced by DDP
+            wrapped._ddp_params_and_buffers_to_ignore = ignore
     return Nemotron3Parallel(wrapped, model, config, dense, expert, groups)
+
+
+def _fully_shard_dense(model: nn.Module, device_type: str) -> None:
+    """FSDP2: shard every block and then the root over all ranks (dp x cp flattened), experts ignored.
+
+    FSDP2 reduce-scatters with a mean over all ranks, the same convention as DDP, so the CP loss scaling
+    and `reduce_expert_gradients` stay as they are. Do not pass the model to ``accelerator.prepare``
+    afterwards (Accelerate would wrap it in DDP); prepare only the optimizer.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from ..modeling.blocks import Nemotron3Block
+
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("dp_cp",))
+    ignored = {p for p in model.parameters() if is_expert_shard(p)} or None
+    for block in [m for m in model.modules() if isinstance(m, Nemotron3Block)]:
+        fully_shard(block, mesh=mesh, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, ignored_params=ignored)
 
 
 __all__ = ["prepare_nemotron3_parallel", "Nemotron3Parallel"]

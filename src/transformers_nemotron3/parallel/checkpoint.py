@@ -65,7 +65,12 @@ def load_full_checkpoint_into(model: nn.Module, path) -> nn.Module:
         if value.shape != target.shape:
             raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)} does not fit the model's "
                              f"{tuple(target.shape)}; was the model built from the same config?")
-        target.copy_(value.to(target.dtype))
+        value = value.to(target.dtype)
+        if hasattr(target, "device_mesh"):  # FSDP2 DTensor: copy into this rank's shard
+            from torch.distributed.tensor import distribute_tensor
+
+            value = distribute_tensor(value, target.device_mesh, target.placements)
+        target.copy_(value)
     return model
 
 

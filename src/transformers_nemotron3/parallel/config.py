@@ -28,8 +28,8 @@ class Nemotron3ParallelConfig:
     Args:
         context_parallel_size: ranks that share one sequence (zig-zag chunks, rank i holds chunks i and 2cp-1-i).
         expert_parallel_size: ranks over which the routed experts of every MoE layer are split.
-        data_parallel_mode: ``"replicate"`` (gradients all-reduced) or ``"shard"`` (FSDP2 ``fully_shard``
-            of the dense blocks over the dense mesh, experts kept EP-sharded).
+        data_parallel_mode: ``"replicate"`` (DDP / all-reduced gradients) or ``"shard"`` (FSDP2 ``fully_shard``
+            of every block and the root over all ranks, expert shards ignored by FSDP and kept EP-sharded).
         capacity_factor: ``None`` = dropless; otherwise each expert takes at most
             ``ceil(local_tokens * top_k / num_experts * capacity_factor)`` token copies per rank
             (sub-sequence dropping, the Megatron default).
