@@ -1,6 +1,8 @@
 """Context parallelism (zig-zag, attention K/V all-gather, head-parallel Mamba) on gloo CPU processes equals
 one process: loss and every gradient, on the M*E-ME config, lengths that are not multiples of the SSD
-chunk size (20, and 19 which also needs right padding), packed sequences; and CP=2 x EP=2 folded on 4."""
+chunk size (20, and 19 which also needs right padding), packed sequences; and CP=2 x EP=2 folded on 4
+(with replicated data parallelism and with FSDP2 for the dense part). Runs through
+`prepare_nemotron3_parallel`, i.e. the same path as the Accelerate example."""
 
 from __future__ import annotations
 
@@ -11,9 +13,9 @@ import torch.distributed as dist
 
 from transformers_nemotron3 import Nemotron3ForCausalLM
 from transformers_nemotron3.parallel.config import Nemotron3ParallelConfig
-from transformers_nemotron3.parallel.context_parallel import ContextParallelLM, apply_context_parallel, zigzag_positions
-from transformers_nemotron3.parallel.expert_parallel import apply_expert_parallel, is_expert_shard
-from transformers_nemotron3.parallel.gradients import reduce_gradients
+from transformers_nemotron3.parallel.accelerate_plugin import prepare_nemotron3_parallel
+from transformers_nemotron3.parallel.context_parallel import zigzag_positions
+from transformers_nemotron3.parallel.expert_parallel import is_expert_shard
 from transformers_nemotron3.parallel.spawn import run_processes
 
 try:
@@ -33,43 +35,52 @@ def _inputs(n_seq, length, vocab, packed):
     return ids, pos
 
 
-def _cp_run(rank, world, cp, ep, length, packed):
-    pcfg = Nemotron3ParallelConfig(context_parallel_size=cp, expert_parallel_size=ep).validate()
-    dense, expert = pcfg.build_meshes()
+def _reference_grads(model, ids, pos, dp):
+    """Single process on rank 0 only (mean of the dp slices' losses), broadcast to the other ranks."""
+    names = [n for n, _ in model.named_parameters()]
+    flat = torch.zeros(sum(p.numel() for p in model.parameters()) + 1)
+    if dist.get_rank() == 0:
+        ref = copy.deepcopy(model)
+        total = 0.0
+        for d in range(dp):
+            sl = slice(2 * d, 2 * d + 2)
+            loss = ref(ids[sl], labels=ids[sl], position_ids=pos[sl]).loss / dp
+            loss.backward()
+            total += float(loss.detach())
+        flat = torch.cat([p.grad.reshape(-1) for p in ref.parameters()] + [torch.tensor([total])])
+    dist.broadcast(flat, 0)
+    grads, offset = {}, 0
+    for n, p in zip(names, model.parameters()):
+        grads[n] = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return float(flat[-1]), grads
+
+
+def _cp_run(rank, world, cp, ep, length, packed, mode="replicate"):
+    """Through the Accelerate plugin: EP, CP and (mode='shard') FSDP2, then the plugin's own reductions."""
     torch.manual_seed(0)
     model = Nemotron3ForCausalLM(tiny_config("all_blocks")).float().train()
-    dp = pcfg.dp
+    pcfg = Nemotron3ParallelConfig(context_parallel_size=cp, expert_parallel_size=ep, data_parallel_mode=mode)
+    dp = world // cp
     ids, pos = _inputs(2 * dp, length, model.config.vocab_size, packed)
-    ref = copy.deepcopy(model)
-    ref_loss = 0.0
-    for d in range(dp):  # single process: mean of the dp slices' losses
-        sl = slice(2 * d, 2 * d + 2)
-        loss = ref(ids[sl], labels=ids[sl], position_ids=pos[sl]).loss / dp
-        loss.backward()
-        ref_loss += float(loss)
-    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
-    if ep > 1:
-        apply_expert_parallel(model, expert["ep"].get_group())
-    state = apply_context_parallel(model, dense["cp"].get_group())
-    wrapped = ContextParallelLM(model, state)
-    d = dense.get_coordinate()[0]
-    sl = slice(2 * d, 2 * d + 2)
-    out = wrapped(ids[sl], labels=ids[sl], position_ids=pos[sl])
+    ref_loss, ref_grads = _reference_grads(model, ids, pos, dp)
+    par = prepare_nemotron3_parallel(model, pcfg)
+    out = par.model(**par.shard_batch({"input_ids": ids, "position_ids": pos}))
     out.loss.backward()
-    reduce_gradients(model, expert["edp"].get_group())
-    loss = out.loss.detach().clone()
-    dist.all_reduce(loss)
+    par.reduce_gradients()
+    loss = par.mean_loss(out.loss)
     worst, name = 0.0, None
-    for n, p in model.named_parameters():
-        g = p.grad
+    for n, p in par.base.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
         if is_expert_shard(p):
             parts = [torch.empty_like(g) for _ in range(ep)]
-            dist.all_gather(parts, g.contiguous(), group=expert["ep"].get_group())
+            dist.all_gather(parts, g.contiguous(), group=par.groups["ep"])
             g = torch.cat(parts)
+        n = n.replace("_fsdp_wrapped_module.", "")
         diff = float((g - ref_grads[n]).abs().max())
         if diff > worst:
             worst, name = diff, n
-    return {"loss_diff": abs(float(loss) / world - ref_loss), "grad_diff": worst, "worst": name,
+    return {"loss_diff": abs(loss - ref_loss), "grad_diff": worst, "worst": name,
             "local_tokens": out.logits.shape[1]}
 
 
@@ -97,4 +108,5 @@ def test_cp2_attention_and_mamba_equal_single_process():
 
 
 def test_cp2_x_ep2_folded_on_4_processes():
-    _check(run_processes(_many, 4, (2, 2, {"len20_packed": (20, True)}), timeout=150))
+    jobs = {"len20_packed": (20, True), "len20_packed_fsdp2": (20, True, "shard")}
+    _check(run_processes(_many, 4, (2, 2, jobs), timeout=240))

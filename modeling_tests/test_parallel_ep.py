@@ -107,7 +107,9 @@ def _ep_run(rank, world, ep, name, overrides, cf=None, policy="probs", pad=False
     ep_group, edp_group = expert_mesh["ep"].get_group(), expert_mesh["edp"].get_group()
     model = _model(name, overrides)
     ids = _batch(world, model.config.vocab_size)
-    ref_loss, ref_grads, ref_keeps = _reference(model, ids, world, cf, policy)
+    box = [_reference(model, ids, world, cf, policy) if rank == 0 else None]  # computed once, then shared
+    dist.broadcast_object_list(box, src=0)
+    ref_loss, ref_grads, ref_keeps = box[0]
     apply_expert_parallel(model, ep_group, cf, policy, pad)
     per = ids.shape[0] // world
     local = ids[rank * per:(rank + 1) * per]
