@@ -11,10 +11,11 @@ Entry point: :func:`mtp_generate`. One round:
    token, the ``a`` accepted drafts and the main model's own next token after them are kept, so a
    round produces ``a + 1`` tokens for one main-model forward.
 3. **Roll back.** Attention keys are cropped to the accepted length. Mamba conv and SSM states
-   cannot be cropped, so the cache is snapshotted before verification; when a draft is rejected it
-   is restored and only the accepted tokens are run again (when all drafts are accepted the state
-   after verification is already right). The MTP head's own KV cache is cropped to the committed
-   positions and refilled with the true hidden states of the accepted ones.
+   cannot be cropped, so during verification the Mamba layers run the k+1 tokens as decode steps
+   and record the state after each (`Nemotron3HybridCache.start_recording` / `keep_first`); on a
+   rejection the state after the last accepted token is copied back, no forward is repeated.
+   The MTP head's own KV cache is cropped to the committed positions and refilled with the true
+   hidden states of the accepted ones.
 
 Greedy output is therefore the main model's own greedy output, token for token (up to ties of the
 argmax between a one-token and a multi-token forward, which random-weight tests do not hit).
@@ -135,7 +136,7 @@ def mtp_generate(
             nxt, mtp_hidden = mtp_step(mtp_hidden, drafts[-1][:, None], committed + j - 1)
             drafts.append(nxt)
         block = torch.cat([pending[:, None], torch.stack(drafts, dim=1)], dim=1)  # [1, steps + 1]
-        snap = cache.snapshot()
+        cache.start_recording()  # Mamba layers keep their state after each block token
         out = model(input_ids=block, cache=cache, use_cache=True, logits_to_keep=0)
         greedy = out.logits[0].argmax(-1)  # main model's choice after each block position
         match = (greedy[:steps] == block[0, 1:]).long()
@@ -144,9 +145,7 @@ def mtp_generate(
             hits = (block[0, 1 : a + 1] == eos_token_id).nonzero()
             if len(hits):
                 a = int(hits[0, 0]) + 1
-        if a < steps:  # rejected: restore Mamba states and replay the accepted prefix only
-            cache.restore(snap)
-            out = model(input_ids=block[:, : a + 1], cache=cache, use_cache=True, logits_to_keep=0)
+        cache.keep_first(a + 1)  # roll Mamba states and attention keys back to the accepted prefix
         hidden = out.last_hidden_state[:, : a + 1]
         new_pending = greedy[a : a + 1]
         accepted = block[0, 1 : a + 1]

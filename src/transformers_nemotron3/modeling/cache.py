@@ -17,6 +17,7 @@ class MambaState:
         self.conv = conv
         self.ssm = ssm
         self.has_previous = False
+        self.history: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per-token states while recording
 
 
 class KVState:
@@ -99,6 +100,34 @@ class Nemotron3HybridCache:
                 st.has_previous = has_prev
             else:
                 st.length = snap[i]
+
+    def start_recording(self) -> None:
+        """Keep the Mamba state after every token of the next forward (for `keep_first`)."""
+        self._record_start = self.seen_tokens
+        for st in self.layers.values():
+            if isinstance(st, MambaState):
+                st.history = []
+
+    def keep_first(self, count: int | None) -> None:
+        """Stop recording; with ``count``, keep only the first ``count`` tokens seen since `start_recording`.
+
+        Mamba layers take their recorded state after that token, attention layers of the main model
+        forget later keys (the KV of an MTP head, indices past the main layers, is its caller's business).
+        """
+        for st in self.layers.values():
+            if isinstance(st, MambaState) and st.history is not None:
+                if count is not None and len(st.history) > count:
+                    conv, ssm = st.history[count - 1]
+                    st.conv.copy_(conv)
+                    st.ssm.copy_(ssm)
+                st.history = None
+        if count is not None:
+            length = self._record_start + count
+            n_main = len(self.config.layers_block_type)
+            for i, st in self.layers.items():
+                if isinstance(st, KVState) and i < n_main:
+                    st.length = min(st.length, length)
+            self.seen_tokens = min(self.seen_tokens, length)
 
     def crop(self, length: int) -> None:
         """Forget attention keys past ``length`` tokens (Mamba states must be restored separately)."""

@@ -145,6 +145,8 @@ class Nemotron3Mamba2Mixer(nn.Module):
 
         if state is not None and state.has_previous and length == 1:
             y = self._decode_step(z, xbc, dt, A, state)
+        elif state is not None and state.has_previous and state.history is not None:
+            y = self._recorded_steps(z, xbc, dt, A, state)
         else:
             y = self._scan(z, xbc, dt, A, state, padding_mask, seq_idx)
         return self.out_proj(self.norm(y, z, dtype))
@@ -188,6 +190,14 @@ class Nemotron3Mamba2Mixer(nn.Module):
         return y.reshape(b, length, self.intermediate_size)
 
     # ------------------------------------------------------------------ decode
+    def _recorded_steps(self, z, xbc, dt, A, state) -> torch.Tensor:
+        """A few tokens as decode steps, keeping the state after each (speculative verification rollback)."""
+        ys = []
+        for t in range(xbc.shape[1]):
+            ys.append(self._decode_step(z[:, t : t + 1], xbc[:, t : t + 1], dt[:, t : t + 1], A, state))
+            state.history.append((state.conv.clone(), state.ssm.clone()))
+        return torch.cat(ys, dim=1)
+
     def _decode_step(self, z, xbc, dt, A, state) -> torch.Tensor:
         b = xbc.shape[0]
         conv_state = state.conv
