@@ -1,5 +1,10 @@
 """Grouped-query attention of Nemotron 3 (`*` layers): no positional encoding by default, optional RoPE.
 
+Options beyond the official checkpoints, used by models upcycled from Llama/Qwen checkpoints (all off by
+default): RoPE (``use_rope``) with optional frequency scaling (``rope_scaling_params``: ``linear``,
+``dynamic`` NTK or ``llama3``, the formulas of transformers' ``modeling_rope_utils``), and per-head RMSNorm
+on queries and keys before RoPE (``attention_qk_norm``, Qwen3's ``q_norm``/``k_norm``).
+
 The attention kernel is chosen by ``config._attn_implementation``: ``"eager"`` and ``"sdpa"`` are
 computed here (masks built once per forward by the model, as booleans, True = may attend); any
 other name (``"flash_attention_2"``, ...) goes through transformers' attention interface.
@@ -7,14 +12,57 @@ other name (``"flash_attention_2"``, ...) goes through transformers' attention i
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables ``[b, l, dim]`` for the rotated part of each head."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=position_ids.device, dtype=torch.float32) / dim))
+def rope_inv_freq(dim: int, theta: float, scaling: dict | None = None, seq_len: int | None = None,
+                  max_position_embeddings: int | None = None, device=None) -> torch.Tensor:
+    """Inverse frequencies ``[dim // 2]`` of RoPE, optionally scaled (same formulas as transformers).
+
+    ``scaling`` is a validated ``Nemotron3Config.rope_scaling_params`` dict or None:
+
+    - ``linear``: every frequency divided by ``factor`` (position interpolation).
+    - ``dynamic``: NTK-aware base ``theta * (factor * L / max_pos - (factor - 1)) ** (dim / (dim - 2))`` once the
+      sequence length ``L`` (largest position + 1) exceeds ``max_position_embeddings``; plain RoPE below it.
+    - ``llama3``: Llama 3.1's band-wise rule: wavelengths longer than ``original_max_position_embeddings /
+      low_freq_factor`` are divided by ``factor``, shorter than ``.../high_freq_factor`` are kept, and the band
+      between is interpolated smoothly.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    kind = scaling.get("rope_type") if scaling else None
+    if kind is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if kind == "linear":
+        return inv_freq / factor
+    if kind == "dynamic":
+        if seq_len is None or seq_len <= max_position_embeddings:
+            return inv_freq
+        base = theta * ((factor * seq_len / max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / (base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    assert kind == "llama3", kind
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, dim: int, theta: float, dtype: torch.dtype,
+                   scaling: dict | None = None, max_position_embeddings: int | None = None):
+    """cos/sin tables ``[b, l, dim]`` for the rotated part of each head (``scaling``: see `rope_inv_freq`)."""
+    seq_len = None
+    if scaling and scaling.get("rope_type") == "dynamic":
+        seq_len = int(position_ids.max()) + 1
+    inv_freq = rope_inv_freq(dim, theta, scaling, seq_len, max_position_embeddings, position_ids.device)
     freqs = position_ids.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -47,7 +95,7 @@ def eager_attention(q, k, v, mask: torch.Tensor | None, scale: float, causal: bo
 
 
 class Nemotron3Attention(nn.Module):
-    """GQA attention with q/k/v/o projections (no biases in Nemotron 3)."""
+    """GQA attention with q/k/v/o projections (no biases in Nemotron 3), optional q/k norm and RoPE."""
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
@@ -66,6 +114,32 @@ class Nemotron3Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.use_qk_norm = bool(getattr(config, "attention_qk_norm", False))
+        if self.use_qk_norm:
+            # Imported here: blocks.py imports this module, and the model's _init_weights knows this class.
+            from .blocks import Nemotron3RMSNorm
+
+            self.q_norm = Nemotron3RMSNorm(self.head_dim, config.layer_norm_epsilon)
+            self.k_norm = Nemotron3RMSNorm(self.head_dim, config.layer_norm_epsilon)
+
+    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """cos/sin ``[b, l, rotary_dim]`` for these positions (with the config's RoPE scaling, if any)."""
+        return rotary_cos_sin(position_ids, self.rotary_dim, self.config.rope_theta, dtype,
+                              getattr(self.config, "rope_scaling_params", None), self.config.max_position_embeddings)
+
+    def project_qkv(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None):
+        """q ``[b, h, l, d]``, k and v ``[b, kv_h, l, d]``: projections, per-head q/k norm, then RoPE."""
+        b, length, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, length, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden_states).view(b, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(hidden_states).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.use_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if self.use_rope:
+            cos, sin = self.rotary(position_ids, q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return q, k, v
 
     def forward(
         self,
@@ -76,12 +150,7 @@ class Nemotron3Attention(nn.Module):
         padding_mask_2d: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, length, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.use_rope:
-            cos, sin = rotary_cos_sin(position_ids, self.rotary_dim, self.config.rope_theta, q.dtype)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self.project_qkv(hidden_states, position_ids)
         state = cache.get(self.layer_idx) if cache is not None else None
         if state is not None:
             k, v = state.update(k, v)
@@ -106,4 +175,4 @@ class Nemotron3Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
 
 
-__all__ = ["Nemotron3Attention", "eager_attention", "apply_rotary", "rotary_cos_sin"]
+__all__ = ["Nemotron3Attention", "eager_attention", "apply_rotary", "rope_inv_freq", "rotary_cos_sin"]

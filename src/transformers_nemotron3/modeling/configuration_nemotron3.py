@@ -43,6 +43,12 @@ LEGACY_KEYS = {
 }
 ROUTER_SCORE_FUNCTIONS = ("sigmoid", "softmax", "topk_softmax")
 ACTIVATIONS = ("relu2", "silu", "gelu", "relu")
+# RoPE scaling kinds of `rope_scaling_params` and the keys each needs (names as in transformers' rope_parameters).
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 def _as_float(value: Any) -> float:
@@ -74,6 +80,43 @@ def parse_block_types(value: str | list[str], key: str) -> list[str]:
     raise ValueError(f"`{key}` must be a pattern string like 'MEM*E' or a list of layer types, got {value!r}.")
 
 
+def _normalize_rope_scaling(value: Any) -> dict[str, Any] | None:
+    """Validate a ``rope_scaling_params`` dict; return a clean copy (floats, int context length) or None."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"`rope_scaling_params` must be a dict like {{'rope_type': 'llama3', 'factor': 8.0, ...}} "
+                         f"or null, got {value!r}.")
+    d = dict(value)
+    if "type" in d and "rope_type" not in d:  # the pre-4.45 transformers spelling
+        d["rope_type"] = d.pop("type")
+    kind = d.get("rope_type")
+    if kind in (None, "default"):
+        extra = sorted(k for k in d if k not in ("rope_type", "type"))
+        if extra:
+            raise ValueError(f"`rope_scaling_params` has rope_type {kind!r} (no scaling) but also keys {extra}; "
+                             "drop them or name a scaling rope_type.")
+        return None
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"`rope_scaling_params['rope_type']`={kind!r} is not supported; use one of "
+                         f"{sorted(ROPE_SCALING_KEYS)} (yarn and longrope are not implemented).")
+    required = ROPE_SCALING_KEYS[kind]
+    missing = [k for k in required if d.get(k) is None]
+    if missing:
+        raise ValueError(f"`rope_scaling_params` with rope_type {kind!r} needs the key(s) {missing}.")
+    unknown = sorted(k for k in d if k not in required + ("rope_type",))
+    if unknown:
+        raise ValueError(f"`rope_scaling_params` has unknown key(s) {unknown} for rope_type {kind!r}; allowed: "
+                         f"{list(required)} (rope_theta and partial_rotary_factor are top-level config keys).")
+    out: dict[str, Any] = {"rope_type": kind}
+    for key in required:
+        try:
+            out[key] = int(d[key]) if key == "original_max_position_embeddings" else float(d[key])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"`rope_scaling_params['{key}']`={d[key]!r} must be a number.") from exc
+    return out
+
+
 class Nemotron3Config(PretrainedConfig):
     """Configuration of a Nemotron 3 model.
 
@@ -82,6 +125,14 @@ class Nemotron3Config(PretrainedConfig):
 
     - ``use_rope``: rotary position embeddings on attention (``rope_theta``, ``partial_rotary_factor``),
       used by models upcycled from Llama-family checkpoints.
+    - ``rope_scaling_params``: RoPE frequency scaling, a dict with ``rope_type`` ``"linear"`` / ``"dynamic"``
+      (key ``factor``) or ``"llama3"`` (``factor``, ``low_freq_factor``, ``high_freq_factor``,
+      ``original_max_position_embeddings``), as in transformers' ``rope_parameters``; null = plain RoPE.
+      Needs ``use_rope``. (Not named ``rope_scaling``: transformers' base config owns that name as an alias of
+      its own ``rope_parameters``; a ``rope_scaling=`` keyword is accepted and stored here.)
+    - ``attention_qk_norm``: per-head RMSNorm of queries and keys before RoPE (Qwen3's ``q_norm``/``k_norm``,
+      parameters ``mixer.q_norm.weight`` / ``mixer.k_norm.weight`` of ``head_dim`` each, eps
+      ``layer_norm_epsilon``).
     - ``moe_gated_experts``: SwiGLU experts ``down(silu(gate(x)) * up(x))`` instead of relu² experts
       (``moe_expert_act`` picks the gate activation).
     - ``moe_router_score_function``: ``"sigmoid"`` (Nemotron 3), ``"softmax"`` (softmax over all experts,
@@ -159,6 +210,8 @@ class Nemotron3Config(PretrainedConfig):
         output_router_logits: bool = False,
         # --- options beyond the official checkpoints ---
         use_rope: bool = False,
+        rope_scaling_params: dict[str, Any] | None = None,
+        attention_qk_norm: bool = False,
         moe_gated_experts: bool = False,
         moe_expert_act: str = "silu",
         moe_router_score_function: str = "sigmoid",
@@ -177,6 +230,9 @@ class Nemotron3Config(PretrainedConfig):
             if legacy in kwargs:
                 mamba[new] = kwargs.pop(legacy)
         layer_types = kwargs.pop("layer_types", None)
+        legacy_rope_scaling = kwargs.pop("rope_scaling", None)
+        if rope_scaling_params is None and legacy_rope_scaling is not None:
+            rope_scaling_params = legacy_rope_scaling
         if layers_block_type is None:
             layers_block_type = layer_types
         # Keys of other implementations that carry no information for us.
@@ -254,6 +310,8 @@ class Nemotron3Config(PretrainedConfig):
         self.partial_rotary_factor = partial_rotary_factor
         self.output_router_logits = output_router_logits
         self.use_rope = use_rope
+        self.rope_scaling_params = _normalize_rope_scaling(rope_scaling_params)
+        self.attention_qk_norm = attention_qk_norm
         self.moe_gated_experts = moe_gated_experts
         self.moe_expert_act = moe_expert_act
         self.moe_router_score_function = moe_router_score_function
@@ -375,6 +433,26 @@ class Nemotron3Config(PretrainedConfig):
         need(self.use_rope is False or (0 < self.partial_rotary_factor <= 1 and self.rope_theta > 0),
              f"`partial_rotary_factor`={self.partial_rotary_factor} / `rope_theta`={self.rope_theta} invalid for RoPE.")
         need(math.isfinite(self.routed_scaling_factor), "`routed_scaling_factor` must be finite.")
+        need(isinstance(self.attention_qk_norm, bool),
+             f"`attention_qk_norm`={self.attention_qk_norm!r} must be true or false.")
+        scaling = self.rope_scaling_params
+        if scaling is not None:
+            need(self.use_rope is True,
+                 f"`rope_scaling_params`={scaling!r} is set but `use_rope` is false, so it would do nothing; set "
+                 "`use_rope=True` or drop `rope_scaling_params`.")
+            kind = scaling["rope_type"]
+            need(scaling["factor"] > 0, f"`rope_scaling_params['factor']`={scaling['factor']} must be > 0.")
+            if kind == "dynamic":
+                need(scaling["factor"] >= 1, f"`rope_scaling_params['factor']`={scaling['factor']} must be >= 1 "
+                     "for 'dynamic' RoPE.")
+                need(int(self.head_dim * self.partial_rotary_factor) > 2,
+                     "'dynamic' RoPE needs more than 2 rotary channels (`head_dim` * `partial_rotary_factor`).")
+            if kind == "llama3":
+                low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+                need(0 < low < high, f"`rope_scaling_params` low_freq_factor={low} / high_freq_factor={high}: need "
+                     "0 < low_freq_factor < high_freq_factor (Llama 3.1 uses 1 and 4).")
+                need(scaling["original_max_position_embeddings"] > 0,
+                     "`rope_scaling_params['original_max_position_embeddings']` must be a positive integer.")
 
     # ------------------------------------------------------------------ official on-disk form
     def to_official_dict(self) -> dict[str, Any]:
