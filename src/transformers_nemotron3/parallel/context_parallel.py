@@ -29,12 +29,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.nn.functional import all_to_all_single as _all_to_all_autograd
 
 from ..modeling.attention import Nemotron3Attention, apply_rotary, rotary_cos_sin
 from ..modeling.mamba2 import Nemotron3Mamba2Mixer, causal_conv
 from ..modeling.modeling_nemotron3 import seq_idx_from_position_ids
 from ..modeling.ssd import ssd_chunked
+from .dispatcher import all_to_all_v
 
 
 def zigzag_positions(length: int, cp: int, rank: int, device=None) -> torch.Tensor:
@@ -129,7 +129,7 @@ def _mamba_channel_slices(m: Nemotron3Mamba2Mixer, cp: int, r: int):
 def _seq_to_heads(st: CPState, parts: list[torch.Tensor]) -> torch.Tensor:
     """``parts[j]`` [b, L/cp, w] is rank j's channel slice of my tokens -> my slice over the full sequence."""
     send = torch.stack(parts).contiguous()  # [cp, b, L/cp, w]
-    recv = _all_to_all_autograd(torch.empty_like(send), send, group=st.group)  # [cp(src), b, L/cp, w]
+    recv = all_to_all_v(send, None, None, st.group)  # [cp(src), b, L/cp, w]
     full = recv.permute(1, 0, 2, 3).reshape(send.shape[1], -1, send.shape[3])  # gathered (rank-major) order
     return full[:, st.restore]
 
@@ -138,7 +138,7 @@ def _heads_to_seq(st: CPState, y: torch.Tensor) -> torch.Tensor:
     """``y`` [b, L, w] (my heads, full sequence) -> [b, L/cp, cp*w] (all heads, my tokens)."""
     b, _, w = y.shape
     send = y[:, st.gathered_positions].reshape(b, st.cp, -1, w).permute(1, 0, 2, 3).contiguous()
-    recv = _all_to_all_autograd(torch.empty_like(send), send, group=st.group)  # [cp(head slice), b, L/cp, w]
+    recv = all_to_all_v(send, None, None, st.group)  # [cp(head slice), b, L/cp, w]
     return recv.permute(1, 2, 0, 3).reshape(b, -1, st.cp * w)
 
 

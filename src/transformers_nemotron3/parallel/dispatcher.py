@@ -6,7 +6,7 @@
 2. permute token copies by global expert id (experts are contiguous per ep rank, so this also groups
    them by destination rank);
 3. exchange per-expert counts (``all_to_all_single`` on a tiny int tensor);
-4. all-to-all-v of the token rows (autograd-aware ``torch.distributed.nn.functional.all_to_all_single``);
+4. all-to-all-v of the token rows (`all_to_all_v`, an autograd function over ``dist.all_to_all_single``);
 5. re-sort the received rows from (source rank, local expert) to (local expert, source rank) and hand
    them with local counts to the grouped experts;
 6. combine: undo 5, all-to-all-v back, scale by routing weight, index-add into token rows.
@@ -22,7 +22,36 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch.distributed.nn.functional import all_to_all_single as _all_to_all_autograd
+
+
+class _AllToAllV(torch.autograd.Function):
+    """``dist.all_to_all_single`` along dim 0 with uneven splits; backward sends the gradient rows back
+    with the splits swapped. (``torch.distributed.nn.functional.all_to_all_single`` does the same but is
+    deprecated in torch 2.13.)"""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        back = grad.new_empty(sum(in_splits), *grad.shape[1:])
+        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return back, None, None, None
+
+
+def all_to_all_v(x: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None, group) -> torch.Tensor:
+    """Autograd-aware all-to-all of the rows of ``x`` (``None`` splits = equal)."""
+    world = dist.get_world_size(group)
+    if in_splits is None:
+        in_splits = [x.shape[0] // world] * world
+    if out_splits is None:
+        out_splits = [x.shape[0] // world] * world
+    return _AllToAllV.apply(x, list(out_splits), list(in_splits), group)
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -113,8 +142,7 @@ class AllToAllDispatcher:
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         in_splits = send_counts.sum(1).tolist()
         out_splits = recv_counts.sum(1).tolist()
-        recv = _all_to_all_autograd(rows.new_empty(sum(out_splits), rows.shape[1]), rows.contiguous(),
-                                    out_splits, in_splits, group=self.group)
+        recv = all_to_all_v(rows, out_splits, in_splits, self.group)
         self._count(in_splits, rows)
         # received rows are grouped (source rank, local expert); the experts want (local expert, source rank)
         seg_len = recv_counts.reshape(-1)
@@ -127,8 +155,7 @@ class AllToAllDispatcher:
     def combine(self, out: torch.Tensor, weights: torch.Tensor, ctx, num_tokens: int) -> torch.Tensor:
         if self.ep > 1:
             back = out[torch.argsort(ctx["perm"])]
-            out = _all_to_all_autograd(out.new_empty(sum(ctx["in_splits"]), out.shape[1]), back.contiguous(),
-                                       ctx["in_splits"], ctx["out_splits"], group=self.group)
+            out = all_to_all_v(back, ctx["in_splits"], ctx["out_splits"], self.group)
             self._count(ctx["out_splits"], back)
         if ctx["dest"] is not None:
             out = out[ctx["dest"]]
@@ -141,4 +168,4 @@ class AllToAllDispatcher:
         self.stats["bytes_sent"] += remote * rows.shape[1] * rows.element_size()
 
 
-__all__ = ["AllToAllDispatcher", "capacity_keep_mask", "expert_capacity"]
+__all__ = ["AllToAllDispatcher", "capacity_keep_mask", "expert_capacity", "all_to_all_v"]
