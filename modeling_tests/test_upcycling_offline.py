@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from tiny_configs import tiny_config
-from transformers import MistralConfig, MistralForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import MistralConfig, MistralForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from transformers_nemotron3 import Nemotron3ForCausalLM
 from transformers_nemotron3.upcycling import UpcyclingConfig, upcycle, upcycle_to_disk
@@ -103,12 +103,10 @@ def test_unknown_and_unmappable_architectures(tmp_path):
     with pytest.raises(ValueError, match="model_type='gpt2'"):
         upcycle_to_disk(tmp_path / "gpt2", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
-    qwen3 = Qwen3ForCausalLM(Qwen3Config(**DIMS))
-    with pytest.raises(ValueError, match="q_norm/k_norm"):
-        upcycle(qwen3)
-    scaled = LlamaForCausalLM(LlamaConfig(**DIMS, rope_parameters={"rope_type": "linear", "factor": 2.0,
-                                                                   "rope_theta": 1e4}))
-    with pytest.raises(ValueError, match="rope_type='linear'"):
+    scaled = LlamaForCausalLM(LlamaConfig(**DIMS, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
+                                                                   "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                                                                   "original_max_position_embeddings": 32}))
+    with pytest.raises(ValueError, match="rope_type='longrope'"):
         upcycle(scaled)
     with pytest.raises(ValueError, match="not a directory"):
         upcycle(tmp_path / "missing")

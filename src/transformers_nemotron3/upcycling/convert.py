@@ -14,7 +14,7 @@ import torch
 
 from ..modeling import Nemotron3Config, Nemotron3ForCausalLM
 from ..modeling.checkpoint_io import to_internal_key
-from ..modeling.configuration_nemotron3 import ACTIVATIONS, parse_block_types
+from ..modeling.configuration_nemotron3 import ACTIVATIONS, ROPE_SCALING_KEYS, parse_block_types
 from .config import UpcyclingConfig
 from .experts import router_scaling, router_weight, shared_expert, virtual_group_experts
 from .sources import DenseSource
@@ -46,6 +46,25 @@ def _moe_fields(cfg: UpcyclingConfig, inter: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- Llama family
+def _rope_scaling(rope: dict[str, Any], max_pos: int, where: str) -> dict[str, Any] | None:
+    """The source's RoPE scaling as ``Nemotron3Config.rope_scaling_params`` (None for plain RoPE)."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type in (None, "default"):
+        return None
+    if rope_type not in ROPE_SCALING_KEYS:
+        raise ValueError(
+            f"{where}: rope_type={rope_type!r} (RoPE scaling) is not implemented by Nemotron 3 attention; supported: "
+            f"'default', {', '.join(repr(k) for k in ROPE_SCALING_KEYS)}."
+        )
+    out = {"rope_type": rope_type}
+    for key in ROPE_SCALING_KEYS[rope_type]:
+        value = rope.get(key, max_pos if key == "original_max_position_embeddings" else None)
+        if value is None:
+            raise ValueError(f"{where}: rope_type={rope_type!r} without {key!r} in its RoPE parameters.")
+        out[key] = value
+    return out
+
+
 def _llama_config(source: DenseSource, cfg: UpcyclingConfig) -> Nemotron3Config:
     c = source.config
     where = source.origin
@@ -60,15 +79,10 @@ def _llama_config(source: DenseSource, cfg: UpcyclingConfig) -> Nemotron3Config:
     if c.get("mlp_bias"):
         raise ValueError(f"{where}: mlp_bias=True, but Nemotron 3 experts have no biases; cannot upcycle exactly.")
     rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in (None, "default"):
-        raise ValueError(
-            f"{where}: rope_type={rope_type!r} (RoPE scaling) is not implemented by Nemotron 3 attention, which uses "
-            "plain rotate-half RoPE; only sources with rope_type 'default' map exactly."
-        )
     theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
     partial = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) or 1.0
     max_pos = c.get("max_position_embeddings", 4096)
+    scaling = _rope_scaling(rope, max_pos, where)
     sliding = [t for t in (c.get("layer_types") or []) if t != "full_attention"]
     window = c.get("sliding_window")
     uses_window = c.get("use_sliding_window", c.get("model_type") == "mistral")
@@ -87,7 +101,8 @@ def _llama_config(source: DenseSource, cfg: UpcyclingConfig) -> Nemotron3Config:
         head_dim=int(c.get("head_dim") or hidden // heads), max_position_embeddings=max_pos,
         attention_bias=qkv_bias, attention_dropout=float(c.get("attention_dropout", 0.0)),
         intermediate_size=int(c["intermediate_size"]), layer_norm_epsilon=float(c.get("rms_norm_eps", 1e-6)),
-        use_rope=True, rope_theta=float(theta), partial_rotary_factor=float(partial),
+        use_rope=True, rope_theta=float(theta), partial_rotary_factor=float(partial), rope_scaling_params=scaling,
+        attention_qk_norm=source.has("model.layers.0.self_attn.q_norm.weight"),
         moe_gated_experts=True, moe_expert_act=act, tie_word_embeddings=False,
         pad_token_id=c.get("pad_token_id"), bos_token_id=c.get("bos_token_id"), eos_token_id=c.get("eos_token_id"),
         dtype=_dtype_name(c), **_moe_fields(cfg, int(c["intermediate_size"])),
@@ -108,6 +123,9 @@ def _llama_layers(source: DenseSource, cfg: UpcyclingConfig, target: Nemotron3Co
                                                                         out[a + f"mixer.{proj}.weight"].shape[0],
                                                                         dtype=out[a + f"mixer.{proj}.weight"].dtype)
                 )
+        if target.attention_qk_norm:  # Qwen3: per-head RMSNorm of q and k before RoPE
+            out[a + "mixer.q_norm.weight"] = source.get(src + "self_attn.q_norm.weight")
+            out[a + "mixer.k_norm.weight"] = source.get(src + "self_attn.k_norm.weight")
         out[m + "norm.weight"] = source.get(src + "post_attention_layernorm.weight")
         up, down, gate = (source.get(src + f"mlp.{p}.weight") for p in ("up_proj", "down_proj", "gate_proj"))
         out.update(_moe_tensors(cfg, 2 * i + 1, m, up, down, gate, act, target.hidden_size))
@@ -205,7 +223,8 @@ def upcycle(dense_model_or_path: Any, config: UpcyclingConfig | None = None, *,
     """Upcycle a dense model (object or safetensors directory) into a `Nemotron3ForCausalLM`, in memory.
 
     Args:
-        dense_model_or_path: a LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM / NemotronHForCausalLM /
+        dense_model_or_path: a LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM /
+            NemotronHForCausalLM /
             dense Nemotron3ForCausalLM object, or a directory with its config.json and safetensors.
         config: the `UpcyclingConfig`; or pass its fields as keyword ``overrides`` (``num_experts=8, top_k=2``).
         attn_implementation: attention kernel of the returned model (``"sdpa"`` or ``"eager"``).

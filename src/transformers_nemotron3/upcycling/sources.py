@@ -3,7 +3,8 @@
 Two families are understood:
 
 - ``"llama"``: LlamaForCausalLM and the architectures that share its layout and math (Mistral without
-  sliding window, Qwen2 with its q/k/v biases). A decoder layer maps to two Nemotron 3 blocks,
+  sliding window, Qwen2 with its q/k/v biases, Qwen3 with its per-head q/k RMSNorm; RoPE plain or scaled
+  with ``linear``, ``dynamic`` or ``llama3``). A decoder layer maps to two Nemotron 3 blocks,
   ``*`` (attention with RoPE) then ``E`` (gated experts).
 - ``"nemotron_h"``: dense Nemotron-H (transformers' NemotronHForCausalLM, a Nemotron3ForCausalLM, or
   their checkpoints); ``-`` layers become ``E`` with relu² experts, ``M`` and ``*`` are copied.
@@ -21,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 NEMOTRON_H_FAMILY = ("nemotron_h", "nemotron3")
 SUPPORTED = LLAMA_FAMILY + NEMOTRON_H_FAMILY
 _DTYPES = {
@@ -152,11 +153,6 @@ def detect_family(config: dict[str, Any], where: str) -> str:
         return "llama"
     if model_type in NEMOTRON_H_FAMILY:
         return "nemotron_h"
-    if model_type == "qwen3":
-        raise ValueError(
-            f"{where}: Qwen3 uses per-head RMSNorm on queries and keys (q_norm/k_norm), which Nemotron 3 attention "
-            "does not have, so the upcycled model could not reproduce it. Supported: " + ", ".join(SUPPORTED) + "."
-        )
     raise ValueError(
         f"{where}: cannot upcycle model_type={model_type!r} (architectures={config.get('architectures')}). "
         f"Supported dense sources: {', '.join(SUPPORTED)} (Llama-style decoders and dense Nemotron-H)."
