@@ -56,10 +56,10 @@ def _reference_grads(model, ids, pos, dp):
     return float(flat[-1]), grads
 
 
-def _cp_run(rank, world, cp, ep, length, packed, mode="replicate"):
+def _cp_run(rank, world, cp, ep, length, packed, mode="replicate", overrides=None):
     """Through the Accelerate plugin: EP, CP and (mode='shard') FSDP2, then the plugin's own reductions."""
     torch.manual_seed(0)
-    model = Nemotron3ForCausalLM(tiny_config("all_blocks")).float().train()
+    model = Nemotron3ForCausalLM(tiny_config("all_blocks", **(overrides or {}))).float().train()
     pcfg = Nemotron3ParallelConfig(context_parallel_size=cp, expert_parallel_size=ep, data_parallel_mode=mode)
     dp = world // cp
     ids, pos = _inputs(2 * dp, length, model.config.vocab_size, packed)
@@ -101,7 +101,8 @@ def test_zigzag_positions():
 
 
 def test_cp2_attention_and_mamba_equal_single_process():
-    jobs = {"len20": (20, False), "len19_packed_padded": (19, True)}
+    jobs = {"len20": (20, False), "len19_packed_padded": (19, True),
+            "len20_rope_qknorm": (20, True, "replicate", {"use_rope": True, "attention_qk_norm": True})}
     results = run_processes(_many, 2, (2, 1, jobs), timeout=150)
     _check(results)
     assert results[0]["len20"]["local_tokens"] == 10

@@ -113,6 +113,10 @@ class Nemotron3ParallelConfig:
                 if c.n_groups % self.cp:
                     raise ValueError(f"n_groups={c.n_groups} is not divisible by context_parallel_size={self.cp} "
                                      "(Mamba CP splits B/C groups over cp ranks).")
+            rope = getattr(c, "rope_scaling_params", None) or {}
+            if getattr(c, "use_rope", False) and rope.get("rope_type") == "dynamic":
+                raise ValueError("context parallelism with dynamic RoPE scaling would scale by each rank's local "
+                                 "positions; use 'linear' / 'llama3' scaling or context_parallel_size=1.")
             if getattr(c, "num_nextn_predict_layers", 0) and getattr(c, "mtp_loss_scale", 0) > 0:
                 raise ValueError("context parallelism does not support the MTP training loss yet; "
                                  "set mtp_loss_scale=0 or context_parallel_size=1.")

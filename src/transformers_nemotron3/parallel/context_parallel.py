@@ -94,12 +94,15 @@ def _cp_attention_forward(self: Nemotron3Attention, hidden_states, cache=None, m
     if cache is not None:
         raise ValueError("context parallelism is for training/prefill without a cache; pass use_cache=False.")
     b, length, _ = hidden_states.shape
-    q = self.q_proj(hidden_states).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
-    k = self.k_proj(hidden_states).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-    v = self.v_proj(hidden_states).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-    if self.use_rope:
-        cos, sin = rotary_cos_sin(position_ids, self.rotary_dim, self.config.rope_theta, q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    if hasattr(self, "project_qkv"):  # the model's own seam: projections, optional q/k norm, RoPE (global positions)
+        q, k, v = self.project_qkv(hidden_states, position_ids)
+    else:  # older model code without the seam
+        q = self.q_proj(hidden_states).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.use_rope:
+            cos, sin = rotary_cos_sin(position_ids, self.rotary_dim, self.config.rope_theta, q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     k = _GatherAlongDim.apply(k, 2, st.group)
     v = _GatherAlongDim.apply(v, 2, st.group)
     qpos, kpos = st.local_positions, st.gathered_positions
