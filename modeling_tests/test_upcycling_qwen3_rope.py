@@ -19,7 +19,8 @@ SCALED = {
     "linear": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
     "dynamic": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0},
 }
-SETTINGS = {"E8G1T2": dict(num_experts=8, granularity=1, top_k=2), "E8G4T4": dict(num_experts=8, granularity=4, top_k=4)}
+SETTINGS = {"E8G1T2": dict(num_experts=8, granularity=1, top_k=2),
+            "E8G4T4": dict(num_experts=8, granularity=4, top_k=4)}
 
 
 def _ids(length: int = 12) -> torch.Tensor:

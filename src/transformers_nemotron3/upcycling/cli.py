@@ -19,8 +19,8 @@ def _moe_layers(text: str):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nemotron3 upcycle",
-        description="Convert a dense checkpoint (Llama/Mistral/Qwen2 family or dense Nemotron-H) into a Nemotron 3 "
-                    "MoE, streaming layer by layer into sharded safetensors in the official layout.",
+        description="Convert a dense checkpoint (Llama/Mistral/Qwen2/Qwen3 family or dense Nemotron-H) into a "
+                    "Nemotron 3 MoE, streaming layer by layer into sharded safetensors in the official layout.",
     )
     p.add_argument("src", help="directory with the dense model's config.json and *.safetensors")
     p.add_argument("dst", help="output directory (must not exist; written atomically)")
