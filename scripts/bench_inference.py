@@ -6,8 +6,9 @@ several repeats (medians), we measure:
 - prefill tokens/s at 512 and 2048 tokens (batch 1, logits of the last position only, as generate does);
 - decode tokens/s at batch 1 and batch 8 for 128 new tokens (greedy ``generate``; the time of a
   1-token generate with the same prompt is subtracted, so only the decode steps count);
-- peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS growth of a forked child running the
-  same workload once — RSS is per process, so each model is measured in its own child).
+- peak memory of one workload (prefill of the longest length, then 16 decode steps at the largest
+  batch): CUDA ``max_memory_allocated`` growth; on CPU the peak-RSS growth of a forked child that
+  runs the workload once (RSS is per process, so each model is measured in its own child).
 
 The native model runs with its fastest experts implementation, chosen by a short measurement among
 ``eager``, ``grouped_mm`` and ``batched_mm`` (or fixed with ``--native-experts``).
@@ -38,8 +39,8 @@ CONFIGS = {
         conv_kernel=4, chunk_size=128, n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=256,
         moe_shared_expert_intermediate_size=1024, intermediate_size=1536, routed_scaling_factor=2.5,
     ),
-    # ~300M parameters, Nano-like ratios (Nano: hidden 2688, 128 experts top-6, expert width 0.69 h,
-    # shared 1.38 h, Mamba 64 heads x 64, state 128, 8 groups, GQA 32/2 x 128)
+    # ~300M parameters, Nano-like shape (Nano: hidden 2688, 128 experts top-6, shared expert 1.38 h,
+    # Mamba 64 heads x 64, state 128, 8 groups, GQA 32/2 x 128); fewer, narrower experts to fit 300M
     "small": dict(
         vocab_size=16384, hidden_size=1024, hybrid_override_pattern="MEMEM*EMEMEM*EME", num_attention_heads=16,
         num_key_value_heads=2, head_dim=64, mamba_num_heads=32, mamba_head_dim=64, n_groups=8, ssm_state_size=128,
@@ -170,8 +171,9 @@ def run(args) -> dict:
 
     def measure(label: str, fn, work: float) -> None:
         times = {"ours": [], "native": []}
-        for name in models:  # warm-up
-            fn(models[name])
+        for _ in range(args.warmup):
+            for name in models:
+                fn(models[name])
         for r in range(args.repeats):
             order = ("ours", "native") if r % 2 == 0 else ("native", "ours")
             for name in order:
@@ -194,12 +196,12 @@ def run(args) -> dict:
 
         measure(f"decode_b{batch}", decode, batch * (args.new_tokens - 1))
     if not args.no_memory:
-        ids_p = torch.randint(3, vocab, (1, max(args.prefill)), generator=g).to(device)
-        ids_d = torch.randint(3, vocab, (max(args.decode_batch), args.prompt), generator=g).to(device)
+        ids_p = torch.randint(3, vocab, (1, max(args.prefill or [512])), generator=g).to(device)
+        ids_d = torch.randint(3, vocab, (max(args.decode_batch or [1]), args.prompt), generator=g).to(device)
 
         def workload(m):
             time_prefill(m, ids_p, device)
-            time_generate(m, ids_d, args.new_tokens, device)
+            time_generate(m, ids_d, min(args.new_tokens, 16), device)
 
         mem = {name: peak_memory(models[name], workload, device) for name in models}
         mem["ratio"] = mem["ours"] / mem["native"] if mem["native"] else float("nan")
@@ -230,8 +232,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prefill", type=int, nargs="+", default=[512, 2048])
-    p.add_argument("--decode-batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of each measurement per model")
+    p.add_argument("--prefill", type=int, nargs="*", default=[512, 2048], help="lengths; none to skip")
+    p.add_argument("--decode-batch", type=int, nargs="*", default=[1, 8], help="batch sizes; none to skip")
     p.add_argument("--prompt", type=int, default=32, help="prompt length for the decode measurements")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--native-experts", default=None, help="eager | grouped_mm | batched_mm (default: fastest)")

@@ -28,7 +28,7 @@ from transformers_nemotron3 import Nemotron3Config, Nemotron3ForCausalLM
 from transformers_nemotron3.generation import mtp_generate
 
 MODEL = dict(
-    vocab_size=256, hidden_size=128, hybrid_override_pattern="MEMEM*EM", num_attention_heads=4,
+    vocab_size=256, hidden_size=128, hybrid_override_pattern="MEMEM*EMMEMEM*EM", num_attention_heads=4,
     num_key_value_heads=2, head_dim=32, mamba_num_heads=4, mamba_head_dim=32, n_groups=2, ssm_state_size=16,
     conv_kernel=4, chunk_size=32, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
     moe_shared_expert_intermediate_size=256, intermediate_size=384, routed_scaling_factor=2.5,
