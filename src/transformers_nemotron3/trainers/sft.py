@@ -26,6 +26,7 @@ from trl import SFTConfig, SFTTrainer
 from ..generation.chat_template import NEMOTRON3_CHAT_TEMPLATE
 from .callbacks import ExpertBiasUpdateCallback
 from .compat import prepare_model_for_trl
+from .parallel import Nemotron3ParallelTrainerMixin, as_parallel_config, parallel_config_to_dict
 
 __all__ = ["Nemotron3SFTConfig", "Nemotron3SFTTrainer", "apply_thinking_mode"]
 
@@ -43,6 +44,8 @@ class Nemotron3SFTConfig(SFTConfig):
         truncate_history_thinking: drop the reasoning of assistant turns before the last user turn.
         update_expert_bias: call ``model.update_expert_bias`` after every optimizer step.
         expert_bias_update_rate: rate for that update; None uses ``config.moe_bias_update_rate``.
+        parallel_config: a `Nemotron3ParallelConfig` (or a dict of its fields): expert / context parallelism
+            applied to the model before ``Trainer`` wraps it (see trainers/parallel.py, docs/parallelism.md).
     """
 
     assistant_only_loss: bool = field(default=True, metadata={"help": "Train only on assistant tokens."})
@@ -51,11 +54,19 @@ class Nemotron3SFTConfig(SFTConfig):
     truncate_history_thinking: bool = field(default=True, metadata={"help": "Drop reasoning of earlier turns."})
     update_expert_bias: bool = field(default=True, metadata={"help": "Aux-loss-free expert-bias update each step."})
     expert_bias_update_rate: float | None = field(default=None, metadata={"help": "None: config value."})
+    parallel_config: dict | None = field(default=None, metadata={
+        "help": "Nemotron3ParallelConfig (or dict): expert_parallel_size, context_parallel_size, ..."})
 
     def __post_init__(self):
         if not 0.0 <= self.thinking_off_ratio <= 1.0:
             raise ValueError(f"thinking_off_ratio={self.thinking_off_ratio} must be in [0, 1]")
+        self.parallel_config = as_parallel_config(self.parallel_config)
         super().__post_init__()
+
+    def to_dict(self):
+        d = super().to_dict()
+        d["parallel_config"] = parallel_config_to_dict(d.get("parallel_config"))
+        return d
 
 
 def apply_thinking_mode(messages: list[dict], thinking: bool) -> list[dict]:
@@ -76,7 +87,7 @@ def apply_thinking_mode(messages: list[dict], thinking: bool) -> list[dict]:
     return out
 
 
-class Nemotron3SFTTrainer(SFTTrainer):
+class Nemotron3SFTTrainer(Nemotron3ParallelTrainerMixin, SFTTrainer):
     """``SFTTrainer`` for Nemotron 3 (see the module docstring for what differs from TRL)."""
 
     def __init__(self, model, args: Nemotron3SFTConfig | None = None, processing_class=None, callbacks=None,
@@ -90,6 +101,7 @@ class Nemotron3SFTTrainer(SFTTrainer):
         callbacks = list(callbacks or [])
         if args.update_expert_bias:
             callbacks.append(ExpertBiasUpdateCallback(args.expert_bias_update_rate))
+        model = self._setup_nemotron3_parallel(model, args, callbacks)  # EP / CP before Trainer wraps the model
         with prepare_model_for_trl(model, args):
             super().__init__(model, args=args, processing_class=processing_class, callbacks=callbacks, **kwargs)
 
@@ -115,10 +127,15 @@ class Nemotron3SFTTrainer(SFTTrainer):
         inputs = {k: v for k, v in inputs.items()
                   if k not in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
         inputs["use_cache"] = False
-        outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
-        loss = outputs.loss
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes
+        context_parallel = self.nemotron3_parallel is not None and self.nemotron3_parallel.config.cp > 1
+        if context_parallel:  # loss already scaled for DDP's mean; logits are this rank's zig-zag tokens
+            outputs = self.parallel_forward(model, inputs, num_items_in_batch)
+            loss = outputs.loss
+        else:
+            outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
+            loss = outputs.loss
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
         for name in ("lm_loss", "aux_loss", "mtp_loss"):
             value = getattr(outputs, name, None)
             if value is not None:
@@ -128,6 +145,8 @@ class Nemotron3SFTTrainer(SFTTrainer):
         if mode == "train":
             self._total_train_tokens += int(labels.numel())
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        if context_parallel:
+            return (loss, outputs) if return_outputs else loss
         with torch.no_grad():
             mask = labels != -100
             top1 = outputs.logits[:, :-1].argmax(-1) == labels
