@@ -82,10 +82,13 @@ def check_against(reference, result, output_dir):
         assert abs(a - b) < 1e-4 * max(1.0, b), (result["grad_norms"], reference["grad_norms"])
     ref = reference["state"]
     assert result["state"].keys() == ref.keys()
-    moved = 0.0
+    worst = 0.0
     for name, value in ref.items():
         diff = (result["state"][name] - value).abs().max().item()
         assert diff < TOL, f"{name}: max |diff| {diff:.2e}"
+        worst = max(worst, diff)
+    loss_diff = max(abs(a - b) for a, b in zip(result["losses"], reference["losses"]))
+    print(f"\nmax |loss diff| {loss_diff:.2e}, max |param diff| {worst:.2e}, losses {result['losses']}")
     # the parameters did move (so the comparison is not vacuous)
     torch.manual_seed(0)
     init = Nemotron3ForCausalLM(tiny_config("all_blocks", vocab_size=len(build_tiny_tokenizer()))).state_dict()

@@ -121,6 +121,7 @@ class Nemotron3ParallelTrainerMixin:
             self._cp_wrapper = cache
         inputs = dict(inputs)
         inputs.pop("num_items_in_batch", None)
+        inputs.pop("use_cache", None)  # ContextParallelLM always runs without a cache
         outputs = cache(**inputs)
         if outputs.get("loss") is not None and num_items_in_batch is not None:
             labels = inputs["labels"]
