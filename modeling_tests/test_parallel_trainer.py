@@ -121,6 +121,11 @@ def test_parallel_config_field():
     assert isinstance(args.parallel_config, Nemotron3ParallelConfig)
     assert args.to_dict()["parallel_config"]["expert_parallel_size"] == 2
     args.to_json_string()
+    from transformers import HfArgumentParser
+
+    (cli,) = HfArgumentParser(Nemotron3SFTConfig).parse_args_into_dataclasses(
+        ["--output_dir", "/tmp/x", "--use_cpu", "--parallel_config", '{"expert_parallel_size": 2}'])
+    assert cli.parallel_config.expert_parallel_size == 2
     with pytest.raises(ValueError, match="data_parallel_mode='replicate'"):
         bad = Nemotron3SFTConfig(output_dir="/tmp/x", use_cpu=True,
                                  parallel_config={"data_parallel_mode": "shard"})

@@ -47,6 +47,10 @@ __all__ = ["Nemotron3ParallelTrainerMixin", "ExpertLoadSyncCallback", "as_parall
 def as_parallel_config(value) -> Nemotron3ParallelConfig | None:
     if value is None or isinstance(value, Nemotron3ParallelConfig):
         return value
+    if isinstance(value, str):  # command line: --parallel_config '{"expert_parallel_size": 2}'
+        import json
+
+        value = json.loads(value)
     if isinstance(value, dict):
         return Nemotron3ParallelConfig(**value)
     raise ValueError(f"parallel_config must be a Nemotron3ParallelConfig, a dict or None, got {type(value).__name__}")

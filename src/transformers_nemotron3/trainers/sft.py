@@ -44,7 +44,7 @@ class Nemotron3SFTConfig(SFTConfig):
         truncate_history_thinking: drop the reasoning of assistant turns before the last user turn.
         update_expert_bias: call ``model.update_expert_bias`` after every optimizer step.
         expert_bias_update_rate: rate for that update; None uses ``config.moe_bias_update_rate``.
-        parallel_config: a `Nemotron3ParallelConfig` (or a dict of its fields): expert / context parallelism
+        parallel_config: a `Nemotron3ParallelConfig` (or a dict of its fields, or that dict as JSON): expert / context parallelism
             applied to the model before ``Trainer`` wraps it (see trainers/parallel.py, docs/parallelism.md).
     """
 
@@ -54,8 +54,8 @@ class Nemotron3SFTConfig(SFTConfig):
     truncate_history_thinking: bool = field(default=True, metadata={"help": "Drop reasoning of earlier turns."})
     update_expert_bias: bool = field(default=True, metadata={"help": "Aux-loss-free expert-bias update each step."})
     expert_bias_update_rate: float | None = field(default=None, metadata={"help": "None: config value."})
-    parallel_config: dict | None = field(default=None, metadata={
-        "help": "Nemotron3ParallelConfig (or dict): expert_parallel_size, context_parallel_size, ..."})
+    parallel_config: dict | str | None = field(default=None, metadata={
+        "help": "Nemotron3ParallelConfig, dict or JSON string: expert_parallel_size, context_parallel_size, ..."})
 
     def __post_init__(self):
         if not 0.0 <= self.thinking_off_ratio <= 1.0:
