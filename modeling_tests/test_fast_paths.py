@@ -4,7 +4,12 @@
   branch both equal the step recurrence `ssd_reference`, with one and several chunks and packing;
 - the grouped expert GEMM equals a per-token loop over each token's experts (forward + backward);
 - a whole model's cached decode equals full recomputation, with the prefill long enough for
-  several scan chunks.
+  several scan chunks;
+- the MoE decode path (few routes: experts applied per route, no sort/scatter) equals the
+  dispatcher path, and is switched off when a plugin replaces the GEMM or the dispatcher;
+- the fused RMSNorm / gated RMSNorm (``F.rms_norm``) equal their op-by-op references, forward and
+  backward. (The fused decode step `ssd_step` is checked against `ssd_reference` in
+  test_packing_and_scan.py.)
 """
 
 from __future__ import annotations
@@ -105,3 +110,64 @@ def test_recorded_verification_rollback_equals_recompute():
         rest = model(ids[:, 12:14], cache=cache, use_cache=True).logits
     torch.testing.assert_close(verify[:, :2], full[:, 10:12], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(rest, full[:, 12:14], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name,overrides", [("all_blocks", {}), ("latent_groups_mtp", {}),
+                                            ("all_blocks", {"moe_gated_experts": True, "moe_expert_act": "silu"})])
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_moe_few_routes_decode_path_equals_dispatcher_path(name, overrides, tokens, monkeypatch):
+    """The decode fast path (experts applied per chosen route) equals sort/dispatch/grouped GEMM/combine."""
+    from transformers_nemotron3.modeling import moe as moe_module
+
+    torch.manual_seed(2)
+    model = Nemotron3ForCausalLM(tiny_config(name, **overrides)).eval()
+    layer = next(m for m in model.modules() if isinstance(m, moe_module.Nemotron3MoE))
+    for p in layer.parameters():  # random (not init-zero) weights everywhere
+        p.data.normal_(0.0, 0.1)
+    x = torch.randn(tokens, 1, model.config.hidden_size)
+    with torch.no_grad():
+        assert layer.use_few_routes_path(torch.zeros(tokens, layer.gate.top_k, dtype=torch.long))
+        fast = layer(x)
+        monkeypatch.setattr(moe_module, "FEW_ROUTES_MAX", 0)
+        ref = layer(x)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    monkeypatch.undo()
+    # seams replaced by plugins (NVFP4 GEMM, EP dispatcher) or autograd switch the fast path off
+    idx = torch.zeros(1, layer.gate.top_k, dtype=torch.long)
+    assert not layer.use_few_routes_path(idx)  # grad enabled here
+    with torch.no_grad():
+        layer.experts.gemm = lambda x, w, c: grouped_mm(x, w, c)
+        assert not layer.use_few_routes_path(idx)
+        layer.experts.gemm = grouped_mm
+        layer.dispatcher = type("Other", (moe_module.LocalDispatcher,), {})()
+        assert not layer.use_few_routes_path(idx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norms_equal_reference_forward_backward(dtype):
+    """`Nemotron3RMSNorm` and `GatedRMSNorm` (F.rms_norm) equal their op-by-op references, values and grads."""
+    from transformers_nemotron3.modeling.blocks import Nemotron3RMSNorm, rms_norm_reference
+    from transformers_nemotron3.modeling.mamba2 import GatedRMSNorm, gated_rms_norm_reference
+
+    torch.manual_seed(3)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    norm = Nemotron3RMSNorm(32, 1e-5)
+    gated = GatedRMSNorm(32, 4, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+        gated.weight.normal_(1.0, 0.3)
+    x = torch.randn(2, 5, 32, dtype=dtype, requires_grad=True)
+    z = torch.randn(2, 5, 32, dtype=dtype, requires_grad=True)
+    for fast_fn, ref_fn, inputs, params in [
+        (lambda: norm(x), lambda: rms_norm_reference(x, norm.weight, norm.eps), [x], [norm.weight]),
+        (lambda: gated(x, z, dtype), lambda: gated_rms_norm_reference(x, z, gated.weight, 8, 1e-5, dtype),
+         [x, z], [gated.weight]),
+    ]:
+        fast, ref = fast_fn(), ref_fn()
+        assert fast.dtype == ref.dtype == dtype
+        torch.testing.assert_close(fast, ref, **tol)
+        w = torch.randn_like(fast)
+        g_fast = torch.autograd.grad((fast.float() * w).sum(), inputs + params)
+        g_ref = torch.autograd.grad((ref.float() * w).sum(), inputs + params)
+        for a, b in zip(g_fast, g_ref):
+            torch.testing.assert_close(a, b, **tol)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import Nemotron3Attention
@@ -24,10 +25,15 @@ class Nemotron3RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * x).to(dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`Nemotron3RMSNorm` written out op by op (the reference its fused ``F.rms_norm`` form is tested against)."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * x).to(dtype)
 
 
 class Nemotron3Block(_BlockBase):
@@ -71,4 +77,4 @@ class Nemotron3Block(_BlockBase):
         return residual + x
 
 
-__all__ = ["Nemotron3Block", "Nemotron3RMSNorm"]
+__all__ = ["Nemotron3Block", "Nemotron3RMSNorm", "rms_norm_reference"]

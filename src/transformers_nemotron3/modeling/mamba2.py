@@ -55,11 +55,20 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, y: torch.Tensor, z: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        y = y.float() * F.silu(z.float())
+        y = F.silu(z.float()) * y.float()
         shape = y.shape
-        y = y.view(*shape[:-1], -1, self.group_size)
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * y.view(shape)).to(out_dtype)
+        y = F.rms_norm(y.view(*shape[:-1], -1, self.group_size), (self.group_size,), eps=self.eps)
+        return (y.view(shape) * self.weight.float()).to(out_dtype)
+
+
+def gated_rms_norm_reference(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float,
+                             out_dtype: torch.dtype) -> torch.Tensor:
+    """`GatedRMSNorm` written out op by op (the reference its fused ``F.rms_norm`` form is tested against)."""
+    y = y.float() * F.silu(z.float())
+    shape = y.shape
+    y = y.view(*shape[:-1], -1, group_size)
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * y.view(shape)).to(out_dtype)
 
 
 def causal_conv(
@@ -200,11 +209,11 @@ class Nemotron3Mamba2Mixer(nn.Module):
 
     def _decode_step(self, z, xbc, dt, A, state) -> torch.Tensor:
         b = xbc.shape[0]
-        conv_state = state.conv
-        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
-        conv_state[..., -1] = xbc[:, 0].to(conv_state.dtype)
+        conv_state = state.conv  # [b, channels, k]: shift left by one, append the new input
+        window = torch.cat([conv_state[..., 1:], xbc.transpose(1, 2).to(conv_state.dtype)], dim=-1)
+        conv_state.copy_(window)
         w = self.conv1d.weight.squeeze(1)
-        conv = (conv_state.to(w.dtype) * w).sum(-1)
+        conv = (window.to(w.dtype) * w).sum(-1)
         if self.conv1d.bias is not None:
             conv = conv + self.conv1d.bias
         xbc = F.silu(conv)
@@ -224,4 +233,4 @@ class Nemotron3Mamba2Mixer(nn.Module):
         return y.reshape(b, 1, self.intermediate_size)
 
 
-__all__ = ["Nemotron3Mamba2Mixer", "GatedRMSNorm", "causal_conv"]
+__all__ = ["Nemotron3Mamba2Mixer", "GatedRMSNorm", "causal_conv", "gated_rms_norm_reference"]

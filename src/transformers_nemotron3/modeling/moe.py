@@ -52,6 +52,32 @@ class Nemotron3Experts(nn.Module):
         return self.gemm(h, self.down_proj, counts)
 
 
+FEW_ROUTES_MAX = 8  # decode fast path: at most this many (token, expert) pairs per forward
+
+
+def routed_few_tokens(experts: "Nemotron3Experts", x: torch.Tensor, weights: torch.Tensor, topk_idx: torch.Tensor,
+                      acc: torch.Tensor) -> torch.Tensor:
+    """Decode fast path of the default dispatcher + grouped GEMM: ``acc[t] += sum_j w_tj expert_e(x_t)``.
+
+    For a handful of tokens (batch-1 decode) sorting, counting and scattering cost more than the
+    matrix-vector products; here each chosen expert runs directly on its token (one ``tolist``
+    for the routing, ``addmv_`` accumulates the weighted output). Same result as `LocalDispatcher` +
+    `grouped_mm` up to fp rounding; no gradient reaches the router (used only with grad disabled).
+    """
+    idx, wts = topk_idx.tolist(), weights.tolist()
+    up_w, down_w, gate_w = experts.up_proj, experts.down_proj, experts.gate_proj
+    for t, (row_e, row_w) in enumerate(zip(idx, wts)):
+        xt, out_t = x[t], acc[t]
+        for e, w in zip(row_e, row_w):
+            up = torch.mv(up_w[e], xt)
+            h = experts.act(torch.mv(gate_w[e], xt)) * up if gate_w is not None else experts.act(up)
+            if h.dtype == out_t.dtype:
+                out_t.addmv_(down_w[e], h, alpha=w)
+            else:
+                out_t.add_(torch.mv(down_w[e], h), alpha=w)
+    return acc
+
+
 class LocalDispatcher:
     """Single-device dispatch: copy each token once per chosen expert, sort by expert, weight and sum back."""
 
@@ -192,6 +218,8 @@ class Nemotron3MoE(nn.Module):
             if self.training and self.config.moe_aux_loss_coef > 0 else None
         )
         routed_in = self.fc1_latent_proj(x) if self.fc1_latent_proj is not None else x
+        if self.use_few_routes_path(topk_idx):
+            return self._forward_few_routes(hidden_states, routed_in, weights, topk_idx)
         x_sorted, counts, ctx = self.dispatcher.dispatch(routed_in, topk_idx, self.num_experts)
         out = self.experts(x_sorted, counts)
         routed = self.dispatcher.combine(out, weights, ctx, x.shape[0]).to(hidden_states.dtype)
@@ -202,8 +230,27 @@ class Nemotron3MoE(nn.Module):
             routed = routed + self.shared_experts(hidden_states)
         return routed
 
+    def use_few_routes_path(self, topk_idx: torch.Tensor) -> bool:
+        """Decode fast path: few routes, no gradient, and the default dispatcher and GEMM (plugins keep theirs)."""
+        return (topk_idx.numel() <= FEW_ROUTES_MAX and not torch.is_grad_enabled()
+                and self.experts.gemm is grouped_mm and type(self.dispatcher) is LocalDispatcher)
+
+    def _forward_few_routes(self, hidden_states, routed_in, weights, topk_idx) -> torch.Tensor:
+        shape = hidden_states.shape
+        if self.fc2_latent_proj is None and self.shared_experts is not None and hidden_states.dtype == torch.float32:
+            acc = self.shared_experts(hidden_states).reshape(-1, shape[-1])  # routed outputs added into it
+            return routed_few_tokens(self.experts, routed_in, weights, topk_idx, acc).view(shape)
+        acc = routed_in.new_zeros(routed_in.shape[0], routed_in.shape[1], dtype=torch.float32)
+        routed = routed_few_tokens(self.experts, routed_in, weights, topk_idx, acc).to(hidden_states.dtype)
+        if self.fc2_latent_proj is not None:
+            routed = self.fc2_latent_proj(routed)
+        routed = routed.view(shape)
+        if self.shared_experts is not None:
+            routed = routed + self.shared_experts(hidden_states)
+        return routed
+
 
 __all__ = [
     "Nemotron3MoE", "Nemotron3Router", "Nemotron3Experts", "Nemotron3MLP", "Nemotron3GatedMLP",
-    "LocalDispatcher", "grouped_mm", "load_balancing_loss", "activation",
+    "LocalDispatcher", "grouped_mm", "load_balancing_loss", "activation", "routed_few_tokens",
 ]
