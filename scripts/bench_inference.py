@@ -243,7 +243,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-               "cuda": torch.cuda.get_device_name(0) if args.device == "cuda" else None}
+               "cuda": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
+               "load_average_at_start": os.getloadavg()}  # other jobs on the machine disturb CPU timings
     try:
         import transformers
 
@@ -254,7 +255,7 @@ def main(argv=None) -> None:
     for name in args.config:
         args.config_name = name
         res = run(argparse.Namespace(**{**vars(args), "config": name}))
-        res["machine"] = machine
+        res["machine"] = {**machine, "load_average_at_end": os.getloadavg()}
         all_results.append(res)
         print()
         print(table(res))
