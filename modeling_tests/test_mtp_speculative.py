@@ -110,3 +110,21 @@ def test_training_the_head_lowers_mtp_loss():
         loss.backward()
         opt.step()
     assert float(loss) < 0.5 * first
+
+
+def test_generate_use_mtp_flag_equals_plain_generate():
+    from tiny_configs import tiny_config
+
+    from transformers_nemotron3 import Nemotron3ForCausalLM
+
+    model = Nemotron3ForCausalLM(tiny_config("latent_groups_mtp")).eval()
+    prompt = torch.randint(3, 96, (1, 9))
+    plain = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    fast = model.generate(prompt, max_new_tokens=12, use_mtp=True, num_draft_tokens=2, eos_token_id=None)
+    assert torch.equal(plain, fast)
+    eos_id = int(plain[0, 12])
+    first = 9 + int((plain[0, 9:] == eos_id).nonzero()[0, 0])
+    eos_stop = model.generate(prompt, max_new_tokens=12, use_mtp=True, eos_token_id=[eos_id, 95])
+    assert torch.equal(eos_stop, plain[:, : first + 1])  # stops right after the first eos id it meets
+    with pytest.raises(ValueError, match="greedily"):
+        model.generate(prompt, max_new_tokens=4, use_mtp=True, do_sample=True)

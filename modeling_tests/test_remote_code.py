@@ -25,7 +25,8 @@ SCRIPT = textwrap.dedent(
     with torch.no_grad():
         logits = model(x).logits
         gen = model.generate(x, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
-    torch.save({"logits": logits, "gen": gen}, folder + "/remote_out.pt")
+        mtp = model.generate(x[:1], max_new_tokens=5, use_mtp=True, num_draft_tokens=2, eos_token_id=None)
+    torch.save({"logits": logits, "gen": gen, "mtp": mtp}, folder + "/remote_out.pt")
     """
 )
 
@@ -51,3 +52,4 @@ def test_remote_code_round_trip(tmp_path):
         assert torch.equal(out["logits"], model(x).logits)
         ref = model.generate(x, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(out["gen"], ref)
+    assert torch.equal(out["mtp"], ref[:1])  # MTP speculative decoding ships with the remote code

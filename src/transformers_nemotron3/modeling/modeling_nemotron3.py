@@ -379,6 +379,36 @@ class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
                 module.expert_load = None
 
     # ------------------------------------------------------------------ generation
+    def generate(self, inputs: torch.Tensor | None = None, *args, use_mtp: bool = False, num_draft_tokens: int = 3,
+                 **kwargs):
+        """transformers' ``generate``; with ``use_mtp=True``, greedy MTP self-speculative decoding instead.
+
+        ``use_mtp=True`` drafts ``num_draft_tokens`` tokens per round with the MTP head and verifies them in one
+        forward of the main model; the output equals plain greedy decoding. It supports one unpadded sequence,
+        ``max_new_tokens``, ``eos_token_id`` and ``do_sample=False`` only (see ``speculative.mtp_generate``).
+        """
+        if not use_mtp:
+            return super().generate(inputs, *args, **kwargs)
+        from .speculative import mtp_generate
+
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        gen = kwargs.pop("generation_config", None) or self.generation_config
+        max_new_tokens = kwargs.pop("max_new_tokens", None) or gen.max_new_tokens
+        eos = kwargs.pop("eos_token_id", gen.eos_token_id)
+        mask = kwargs.pop("attention_mask", None)
+        for key in ("pad_token_id", "use_cache"):
+            kwargs.pop(key, None)
+        if kwargs.pop("do_sample", False) or gen.do_sample or gen.num_beams not in (None, 1):
+            raise ValueError("use_mtp=True decodes greedily; pass do_sample=False and num_beams=1, or drop use_mtp.")
+        if args or kwargs:
+            raise ValueError(f"use_mtp=True does not support {sorted(kwargs) or 'positional'} arguments; "
+                             "use plain generate() for them.")
+        if input_ids is None or max_new_tokens is None:
+            raise ValueError("use_mtp=True needs input_ids and max_new_tokens.")
+        if mask is not None and not bool(mask.all()):
+            raise ValueError("use_mtp=True decodes one unpadded sequence; drop the padding.")
+        return mtp_generate(self, input_ids, max_new_tokens, num_draft_tokens=num_draft_tokens, eos_token_id=eos)
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # we bring our own hybrid cache (created in prepare_inputs_for_generation)
