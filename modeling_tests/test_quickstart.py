@@ -17,3 +17,12 @@ def test_quickstart_end_to_end(tmp_path, capsys):
 def test_unknown_command_is_an_error(capsys):
     assert main(["frobnicate"]) == 2
     assert "unknown command" in capsys.readouterr().err
+
+
+def test_every_command_module_has_a_main():
+    import importlib
+
+    from transformers_nemotron3.cli import COMMANDS
+
+    for name, (module, _) in COMMANDS.items():
+        assert callable(importlib.import_module(module).main), name

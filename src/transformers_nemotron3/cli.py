@@ -1,4 +1,4 @@
-"""The `nemotron3` command line: `quickstart`, `upcycle`, `bench`, ...
+"""The `nemotron3` command line: `quickstart`, `upcycle` (benchmarks live in `scripts/` of a source checkout).
 
 Each subcommand lives with its feature; this file only routes ``nemotron3 NAME ARGS...`` to it.
 """
@@ -12,7 +12,6 @@ import sys
 COMMANDS = {
     "quickstart": ("transformers_nemotron3.quickstart", "build a tiny model, generate, save with remote code, reload"),
     "upcycle": ("transformers_nemotron3.upcycling.cli", "convert a dense checkpoint into a Nemotron 3 MoE"),
-    "bench": ("transformers_nemotron3.bench_cli", "run the benchmark scripts (inference, parallel, nvfp4, dgs)"),
 }
 
 
