@@ -222,10 +222,14 @@ class Nemotron3MoE(nn.Module):
             return self._forward_few_routes(hidden_states, routed_in, weights, topk_idx)
         x_sorted, counts, ctx = self.dispatcher.dispatch(routed_in, topk_idx, self.num_experts)
         out = self.experts(x_sorted, counts)
-        routed = self.dispatcher.combine(out, weights, ctx, x.shape[0]).to(hidden_states.dtype)
+        return self._finish(self.dispatcher.combine(out, weights, ctx, x.shape[0]), hidden_states)
+
+    def _finish(self, routed: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Routed sum (float32, [T, width]) -> back to hidden width and dtype, plus the shared expert."""
+        routed = routed.to(hidden_states.dtype)
         if self.fc2_latent_proj is not None:
             routed = self.fc2_latent_proj(routed)
-        routed = routed.view(shape)
+        routed = routed.view(hidden_states.shape)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(hidden_states)
         return routed
@@ -241,13 +245,7 @@ class Nemotron3MoE(nn.Module):
             acc = self.shared_experts(hidden_states).reshape(-1, shape[-1])  # routed outputs added into it
             return routed_few_tokens(self.experts, routed_in, weights, topk_idx, acc).view(shape)
         acc = routed_in.new_zeros(routed_in.shape[0], routed_in.shape[1], dtype=torch.float32)
-        routed = routed_few_tokens(self.experts, routed_in, weights, topk_idx, acc).to(hidden_states.dtype)
-        if self.fc2_latent_proj is not None:
-            routed = self.fc2_latent_proj(routed)
-        routed = routed.view(shape)
-        if self.shared_experts is not None:
-            routed = routed + self.shared_experts(hidden_states)
-        return routed
+        return self._finish(routed_few_tokens(self.experts, routed_in, weights, topk_idx, acc), hidden_states)
 
 
 __all__ = [
