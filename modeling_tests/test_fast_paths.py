@@ -57,9 +57,20 @@ def test_chunked_scan_gradients_equal_reference():
         torch.testing.assert_close(a, b, atol=1e-3 * (1 + float(b.abs().max())), rtol=1e-3)
 
 
-def test_grouped_gemm_equals_per_token_loop_forward_backward():
+@pytest.mark.parametrize("torch_grouped_mm", [True, False])
+def test_grouped_gemm_equals_per_token_loop_forward_backward(torch_grouped_mm, monkeypatch):
+    """Both implementations of `grouped_mm` (torch._grouped_mm on CPU, the per-expert loop) equal per-token products."""
+    from transformers_nemotron3.modeling import moe as moe_module
+
+    if torch_grouped_mm and not moe_module._cpu_grouped_mm_available():
+        pytest.skip("torch._grouped_mm does not run on CPU in this torch")
+    monkeypatch.setattr(moe_module, "_TORCH_GROUPED_MM", torch_grouped_mm)
+    calls = []
+    if torch_grouped_mm:  # make sure the torch kernel is what runs
+        real = torch._grouped_mm
+        monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
     gen = torch.Generator().manual_seed(0)
-    E, tokens, k, d_in, d_out = 6, 9, 2, 8, 5
+    E, tokens, k, d_in, d_out = 6, 9, 2, 8, 12
     x = torch.randn(tokens, d_in, generator=gen, requires_grad=True)
     weight = torch.randn(E, d_out, d_in, generator=gen, requires_grad=True)
     idx = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(tokens)])
@@ -75,6 +86,7 @@ def test_grouped_gemm_equals_per_token_loop_forward_backward():
     g_ref = torch.autograd.grad((ref * w).sum(), [x, weight])
     for a, b in zip(g_fast, g_ref):
         torch.testing.assert_close(a, b)
+    assert bool(calls) == torch_grouped_mm
 
 
 @pytest.mark.parametrize("name", ["all_blocks", "latent_groups_mtp"])
@@ -145,7 +157,7 @@ def test_moe_few_routes_decode_path_equals_dispatcher_path(name, overrides, toke
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_rms_norms_equal_reference_forward_backward(dtype):
-    """`Nemotron3RMSNorm` and `GatedRMSNorm` (F.rms_norm) equal their op-by-op references, values and grads."""
+    """`Nemotron3RMSNorm` and `GatedRMSNorm` equal their op-by-op references: values (with and without autograd), grads."""
     from transformers_nemotron3.modeling.blocks import Nemotron3RMSNorm, rms_norm_reference
     from transformers_nemotron3.modeling.mamba2 import GatedRMSNorm, gated_rms_norm_reference
 
@@ -166,8 +178,49 @@ def test_fused_rms_norms_equal_reference_forward_backward(dtype):
         fast, ref = fast_fn(), ref_fn()
         assert fast.dtype == ref.dtype == dtype
         torch.testing.assert_close(fast, ref, **tol)
+        with torch.no_grad():  # inference form (vector_norm) as well as the autograd form (F.rms_norm)
+            torch.testing.assert_close(fast_fn(), ref, **tol)
         w = torch.randn_like(fast)
         g_fast = torch.autograd.grad((fast.float() * w).sum(), inputs + params)
         g_ref = torch.autograd.grad((ref.float() * w).sum(), inputs + params)
         for a, b in zip(g_fast, g_ref):
             torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("length", [2, 9])
+def test_channel_last_conv_equals_reference_conv(prefix, packed, length):
+    """`causal_conv_last` (the scan's conv, in the projection layout) equals `causal_conv`, values, cache and grads."""
+    from transformers_nemotron3.modeling.mamba2 import causal_conv, causal_conv_last
+
+    gen = torch.Generator().manual_seed(3)
+    b, ch, k = 2, 6, 4
+    xbc = torch.randn(b, length, ch, generator=gen, requires_grad=True)
+    w = torch.randn(ch, k, generator=gen, requires_grad=True)
+    bias = torch.randn(ch, generator=gen)
+    pre = torch.randn(b, ch, k - 1, generator=gen) if prefix else None
+    seq = torch.tensor([[0] * 4 + [1] * 5, [0] * 7 + [1] * 2])[:, -length:] if packed else None
+    out, hist = causal_conv_last(xbc, w, bias, pre, seq)
+    ref = causal_conv(xbc.transpose(1, 2), w, bias, pre, seq).transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+    full = torch.cat([pre if prefix else torch.zeros(b, ch, k - 1), xbc.detach().transpose(1, 2)], dim=-1)
+    torch.testing.assert_close(hist, full[..., -k:])
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad((out * g).sum(), [xbc, w]),
+                               torch.autograd.grad((ref * g).sum(), [xbc, w]))
+    with torch.no_grad():  # the in-place branch
+        torch.testing.assert_close(causal_conv_last(xbc, w, bias, pre, seq)[0], ref)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_chunked_scan_with_strong_decay_equals_reference(grad):
+    """Decays far below exp(-87) inside a chunk (the clamp floor of the intra-chunk exponent) change nothing."""
+    x, dt, A, B, C, D, init = _scan_inputs(seed=4)
+    A = A * 60.0  # dt * A down to about -40 per step: cumulative exponents of several hundred per chunk
+    with torch.set_grad_enabled(grad):
+        y1, s1 = ssd_chunked(x, dt, A, B, C, 16, D, init)
+    y2, s2 = ssd_reference(x, dt, A, B, C, D, init)
+    assert torch.isfinite(y1).all() and torch.isfinite(s1).all()
+    torch.testing.assert_close(y1, y2, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(s1, s2, atol=1e-4, rtol=1e-4)

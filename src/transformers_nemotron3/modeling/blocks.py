@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import Nemotron3Attention
 from .mamba2 import Nemotron3Mamba2Mixer
 from .moe import Nemotron3MLP, Nemotron3MoE
+from .norms import rms_norm
 
 try:  # transformers' checkpointing-aware layer base (present in all 5.x releases)
     from transformers.modeling_layers import GradientCheckpointingLayer as _BlockBase
@@ -25,11 +25,11 @@ class Nemotron3RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps).to(x.dtype)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`Nemotron3RMSNorm` written out op by op (the reference its fused ``F.rms_norm`` form is tested against)."""
+    """`Nemotron3RMSNorm` written out op by op (the reference `norms.rms_norm` is tested against)."""
     dtype = x.dtype
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .norms import rms_norm
+
 from .ssd import ssd_chunked, ssd_step
 
 logger = logging.getLogger(__name__)
@@ -57,7 +59,7 @@ class GatedRMSNorm(nn.Module):
     def forward(self, y: torch.Tensor, z: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         y = F.silu(z.float()) * y.float()
         shape = y.shape
-        y = F.rms_norm(y.view(*shape[:-1], -1, self.group_size), (self.group_size,), eps=self.eps)
+        y = rms_norm(y.view(*shape[:-1], -1, self.group_size), None, self.eps)
         return (y.view(shape) * self.weight.float()).to(out_dtype)
 
 
@@ -100,6 +102,52 @@ def causal_conv(
     if bias is not None:
         out = out + bias.to(out.dtype)[None, :, None]
     return out
+
+
+def causal_conv_last(
+    xbc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prefix: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`causal_conv` in the projection's own layout: ``xbc`` [b, l, channels] -> (out [b, l, channels], last
+    k inputs [b, channels, k] for the cache).
+
+    One multiply-add per tap over contiguous rows: no transposes and no padded copy of the input
+    for a depthwise convolution. ``prefix`` [b, channels, k-1] are earlier inputs (a continuation),
+    ``seq_idx`` keeps packed sequences apart as in `causal_conv`.
+    """
+    b, length, channels = xbc.shape
+    k = weight.shape[-1]
+    w = weight.to(xbc.dtype)
+    pre = prefix.transpose(1, 2).to(xbc.dtype) if prefix is not None else None  # [b, k-1, channels]
+    if bias is not None:
+        out = torch.addcmul(bias.to(xbc.dtype), xbc, w[:, k - 1])
+    else:
+        out = xbc * w[:, k - 1]
+    inplace = not out.requires_grad
+    for back in range(1, k):  # the tap reading the input `back` positions earlier
+        if seq_idx is not None:
+            same = torch.zeros_like(seq_idx, dtype=torch.bool)
+            same[:, back:] = seq_idx[:, back:] == seq_idx[:, :-back]
+        pieces = []  # (output rows, input rows) of this tap
+        if length > back:
+            pieces.append((slice(back, length), xbc[:, : length - back]))
+        if pre is not None:  # the first outputs read the prefix
+            n = min(back, length)
+            pieces.append((slice(0, n), pre[:, k - 1 - back : k - 1 - back + n]))
+        for rows, inp in pieces:
+            if seq_idx is not None:
+                inp = inp * same[:, rows, None]
+            if inplace:
+                out[:, rows].addcmul_(inp, w[:, k - 1 - back])
+            else:
+                out = torch.cat([out[:, : rows.start], torch.addcmul(out[:, rows], inp, w[:, k - 1 - back]),
+                                 out[:, rows.stop :]], dim=1)
+    if length >= k:
+        hist = xbc[:, -k:]
+    else:
+        before = pre if pre is not None else xbc.new_zeros(b, k - 1, channels)
+        hist = torch.cat([before, xbc], dim=1)[:, -k:]
+    return out, hist.transpose(1, 2)
 
 
 class Nemotron3Mamba2Mixer(nn.Module):
@@ -163,20 +211,20 @@ class Nemotron3Mamba2Mixer(nn.Module):
     # ------------------------------------------------------------------ prefill / training
     def _scan(self, z, xbc, dt, A, state, padding_mask, seq_idx) -> torch.Tensor:
         b, length, _ = xbc.shape
-        xbc_t = xbc.transpose(1, 2)
         prefix = state.conv[..., 1:].clone() if (state is not None and state.has_previous) else None
         initial = state.ssm if (state is not None and state.has_previous) else None
-        if state is not None:  # keep the last k inputs for the next step
-            hist = xbc_t if prefix is None else torch.cat([prefix.to(xbc_t.dtype), xbc_t], dim=-1)
-            hist = F.pad(hist, (max(0, self.conv_kernel - hist.shape[-1]), 0))
-            state.conv.copy_(hist[..., -self.conv_kernel :])
         fast = use_kernels(xbc, self.use_kernels)
         if fast and _kernel_conv1d is not None and prefix is None:
+            xbc_t = xbc.transpose(1, 2)
             conv = _kernel_conv1d(xbc_t.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                   seq_idx=seq_idx.int() if seq_idx is not None else None, activation=None)
+            conv = conv.transpose(1, 2)
+            hist = F.pad(xbc_t, (max(0, self.conv_kernel - length), 0))[..., -self.conv_kernel :]
         else:
-            conv = causal_conv(xbc_t, self.conv1d.weight.squeeze(1), self.conv1d.bias, prefix, seq_idx)
-        xbc = F.silu(conv).transpose(1, 2)
+            conv, hist = causal_conv_last(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, prefix, seq_idx)
+        if state is not None:  # keep the last k inputs for the next step
+            state.conv.copy_(hist)
+        xbc = F.silu(conv)
         if padding_mask is not None:
             xbc = xbc * padding_mask[..., None].to(xbc.dtype)
         x, B, C = xbc.split([self.intermediate_size, self.n_groups * self.state_size,
@@ -233,4 +281,4 @@ class Nemotron3Mamba2Mixer(nn.Module):
         return y.reshape(b, 1, self.intermediate_size)
 
 
-__all__ = ["Nemotron3Mamba2Mixer", "GatedRMSNorm", "causal_conv", "gated_rms_norm_reference"]
+__all__ = ["Nemotron3Mamba2Mixer", "GatedRMSNorm", "causal_conv", "causal_conv_last", "gated_rms_norm_reference"]
