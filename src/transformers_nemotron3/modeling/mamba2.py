@@ -47,6 +47,12 @@ def use_kernels(tensor: torch.Tensor, enabled: bool) -> bool:
     return True
 
 
+# The chunk length is an implementation choice (any length gives the same result up to rounding). On CPU
+# 64 beats the checkpoints' 128 by ~5 % in prefill: the quadratic in-chunk work halves, and the extra
+# chunk-boundary work is small.
+CPU_SSD_CHUNK = 64
+
+
 class GatedRMSNorm(nn.Module):
     """``rmsnorm(y * silu(z))`` normalised separately over each of ``n_groups`` channel groups."""
 
@@ -239,7 +245,8 @@ class Nemotron3Mamba2Mixer(nn.Module):
                 seq_idx=seq_idx.int() if seq_idx is not None else None, return_final_states=True,
             )
         else:
-            y, final = ssd_chunked(x, self._dt(dt), A, B, C, self.chunk_size, D=self.D, initial_state=initial,
+            chunk = self.chunk_size if x.is_cuda else min(self.chunk_size, CPU_SSD_CHUNK)
+            y, final = ssd_chunked(x, self._dt(dt), A, B, C, chunk, D=self.D, initial_state=initial,
                                    seq_idx=seq_idx)
         if state is not None:
             state.ssm.copy_(final.to(state.ssm.dtype))

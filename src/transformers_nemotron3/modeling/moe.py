@@ -114,7 +114,9 @@ class LocalDispatcher:
 
     def combine(self, out: torch.Tensor, weights: torch.Tensor, ctx, num_tokens: int) -> torch.Tensor:
         order, token = ctx
-        out = out.float() * weights.reshape(-1)[order, None]
+        w = weights.reshape(-1)[order, None]
+        out = out.float()
+        out = out * w if torch.is_grad_enabled() and (out.requires_grad or w.requires_grad) else out.mul_(w)
         return out.new_zeros(num_tokens, out.shape[1]).index_add_(0, token, out)
 
 

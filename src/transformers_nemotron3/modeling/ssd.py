@@ -20,17 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
 _EXP_FLOOR = -87.0  # exp(-87) is the smallest float32 exp that is not subnormal
-
-
-def _segsum(a: torch.Tensor) -> torch.Tensor:
-    """exp-ready segment sums: out[..., i, j] = sum(a[..., j+1 : i+1]) for i >= j, -inf above the diagonal."""
-    n = a.shape[-1]
-    cs = torch.cumsum(a, dim=-1)
-    out = cs[..., :, None] - cs[..., None, :]
-    mask = torch.ones(n, n, dtype=torch.bool, device=a.device).tril()
-    return out.masked_fill(~mask, float("-inf"))
 
 
 def ssd_chunked(
@@ -74,9 +64,11 @@ def ssd_chunked(
     # and below the diagonal (dt >= 0, A < 0); above it they are >= 0 and clamped to 0, so exp stays finite there
     # and the masked C.B zeroes them. The floor keeps exp away from underflow: on CPU exp of -inf or of a number
     # whose exp is subnormal takes a slow path (2-5x), and exp(-87) ~ 1.6e-38 is zero next to any output.
-    causal = torch.ones(cs, cs, dtype=torch.bool, device=x.device).tril()
-    L = (A_cum[..., :, None] - A_cum[..., None, :]).clamp_(min=_EXP_FLOOR, max=0.0)
-    CB = torch.matmul(Cc, Bc.transpose(-1, -2)).masked_fill_(~causal, 0.0)[:, :, :, None]  # (C_i . B_j) per group
+    # L is built transposed ([j, i] in memory) and used through a transposed view: the batched matmul with a
+    # column-major left operand runs ~1.7x faster on CPU (MKL), and elementwise work is the same either way.
+    causal_t = torch.ones(cs, cs, dtype=torch.bool, device=x.device).triu()  # j <= i, in [j, i] layout
+    L = (A_cum[..., None, :] - A_cum[..., :, None]).clamp_(min=_EXP_FLOOR, max=0.0)  # [.., j, i] = A_cum_i - A_cum_j
+    CB = torch.matmul(Bc, Cc.transpose(-1, -2)).masked_fill_(~causal_t, 0.0)[:, :, :, None]  # (C_i . B_j) at [j, i]
     if torch.is_grad_enabled() and (x.requires_grad or dt.requires_grad or B.requires_grad or C.requires_grad
                                     or A.requires_grad):
         L = L.exp() * CB  # autograd keeps the exp output: no in-place ops on it
@@ -86,34 +78,47 @@ def ssd_chunked(
         L = L.exp_().mul_(CB)
         if seq_idx is not None:
             L.mul_((sc[:, :, :, None] == sc[:, :, None, :])[:, :, None, None])
-    y = torch.matmul(L, xdt)  # [b, c, g, r, i, p]
+    y = torch.matmul(L.transpose(-1, -2), xdt)  # [b, c, g, r, i, p]
     del L
 
     # 2. each chunk's own contribution to the state at its end
     decay_to_end = torch.exp(A_cum[..., -1:] - A_cum)  # [b, c, g, r, cs]
     if seq_idx is not None:
         decay_to_end = decay_to_end * (sc == sc[:, :, -1:])[:, :, None, None]
-    chunk_states = torch.matmul((xdt * decay_to_end[..., None]).transpose(-1, -2), Bc[:, :, :, None])  # [b,c,g,r,p,n]
+    # heads of a group share B: fold (r, p) into one matrix dimension instead of broadcasting B over r
+    xdt_end = (xdt * decay_to_end[..., None]).permute(0, 1, 2, 3, 5, 4).reshape(b, nc, g, r * p, cs)
+    chunk_states = torch.matmul(xdt_end, Bc).view(b, nc, g, r, p, n)
 
-    # 3. states at chunk boundaries: entry 0 is the initial state, entry c+1 the state after chunk c
+    # 3. states at chunk boundaries, chunk by chunk: S_{c+1} = exp(A_end_c) S_c + chunk_states_c (with packing
+    # the carried state is dropped where the sequence owning it ends inside chunk c)
     if initial_state is None:
-        init = torch.zeros(b, 1, g, r, p, n, dtype=x.dtype, device=x.device)
+        init = torch.zeros(b, g, r, p, n, dtype=x.dtype, device=x.device)
     else:
-        init = initial_state.float().view(b, 1, g, r, p, n)
-    states = torch.cat([init, chunk_states], dim=1)  # [b, c+1, g, r, p, n]
-    chunk_decay = _segsum(F.pad(A_cum[..., -1].permute(0, 2, 3, 1), (1, 0)))  # [b, g, r, c+1, c+1]
-    transfer = torch.exp(chunk_decay)
+        init = initial_state.float().view(b, g, r, p, n)
+    carry = torch.exp(A_cum[..., -1])[..., None, None]  # [b, c, g, r, 1, 1]
     if seq_idx is not None:
         owner = torch.cat([sc[:, :1, 0], sc[:, :, -1]], dim=1)  # sequence owning each boundary state
-        transfer = transfer * (owner[:, :, None] == owner[:, None, :])[:, None, None]
-    boundary = torch.einsum("bgrzc,bcgrq->bzgrq", transfer, states.flatten(-2)).view(b, nc + 1, g, r, p, n)
-    start_states, final_state = boundary[:, :-1], boundary[:, -1]
+        carry = carry * (owner[:, 1:] == owner[:, :-1])[:, :, None, None, None, None]
+    if torch.is_grad_enabled() and (chunk_states.requires_grad or carry.requires_grad or init.requires_grad):
+        starts = [init]
+        for c in range(nc):
+            starts.append(torch.addcmul(chunk_states[:, c], starts[-1], carry[:, c]))
+        final_state = starts.pop()
+        start_states = torch.stack(starts, dim=1)  # [b, c, g, r, p, n]: the state entering each chunk
+    else:  # inference: write the boundary states into one buffer
+        bounds = torch.empty(b, nc + 1, g, r, p, n, dtype=x.dtype, device=x.device)
+        bounds[:, 0] = init
+        for c in range(nc):
+            torch.addcmul(chunk_states[:, c], bounds[:, c], carry[:, c], out=bounds[:, c + 1])
+        start_states, final_state = bounds[:, :-1], bounds[:, -1]
 
     # 4. contribution of the state entering each chunk: exp(A_cum_i) * (S_start C_i)
     decay_in = torch.exp(A_cum)  # [b, c, g, r, cs]
     if seq_idx is not None:
         decay_in = decay_in * (sc == owner[:, :-1, None])[:, :, None, None]
-    y_in = torch.matmul(Cc[:, :, :, None], start_states.transpose(-1, -2))  # [b, c, g, r, i, p]
+    # C is shared by the heads of a group as well: one product per group, [b, c, g, i, r*p]
+    y_in = torch.matmul(Cc, start_states.reshape(b, nc, g, r * p, n).transpose(-1, -2))
+    y_in = y_in.view(b, nc, g, cs, r, p).transpose(3, 4)  # [b, c, g, r, i, p] (a view)
     y = torch.addcmul(y, y_in, decay_in[..., None])
 
     y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, nc * cs, h, p)[:, :length]
