@@ -20,8 +20,15 @@ from torch import nn
 def activation(name: str):
     """Activation functions by config name (``relu2`` is squared ReLU)."""
     if name == "relu2":
-        return lambda x: torch.square(F.relu(x))
+        return _relu2
     return {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[name]
+
+
+def _relu2(x: torch.Tensor) -> torch.Tensor:
+    """Squared ReLU; without autograd in place (its input is always a fresh GEMM output here)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return torch.square(F.relu(x))
+    return F.relu_(x).square_()
 
 
 _TORCH_GROUPED_MM: bool | None = None  # whether torch._grouped_mm runs on CPU in this torch (probed once)
@@ -110,7 +117,7 @@ class LocalDispatcher:
         order = torch.argsort(flat, stable=True)
         token = order // topk_idx.shape[1]
         counts = torch.bincount(flat, minlength=num_experts)
-        return x[token], counts, (order, token)
+        return x.index_select(0, token), counts, (order, token)
 
     def combine(self, out: torch.Tensor, weights: torch.Tensor, ctx, num_tokens: int) -> torch.Tensor:
         order, token = ctx
