@@ -10,6 +10,10 @@ several repeats (medians), we measure:
   batch): CUDA ``max_memory_allocated`` growth; on CPU the peak-RSS growth of a forked child that
   runs the workload once (RSS is per process, so each model is measured in its own child).
 
+On CPU it also measures the memory floor of decode: the bytes of weights one step must read
+(`decode_weight_bytes`) over the streaming bandwidth of matrix-vector products on this machine
+(`stream_bandwidth`), and so the largest speed-up over native any fp32 implementation could reach.
+
 The native model runs with its fastest experts implementation, chosen by a short measurement among
 ``eager``, ``grouped_mm`` and ``batched_mm`` (or fixed with ``--native-experts``).
 
@@ -145,6 +149,39 @@ def peak_memory(model, task, device: str) -> float:
     return float(data.decode() or "nan")
 
 
+def decode_weight_bytes(model, batch: int) -> float:
+    """Bytes of weights one decode step reads: everything but the embedding table and the MTP head, with each
+    MoE layer's routed experts counted by the expected number of distinct experts its ``batch`` tokens pick
+    (exactly top-k at batch 1; ``E (1 - (1 - k/E)^batch)`` under uniform routing for a batch)."""
+    cfg = model.config
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    used = e * (1.0 - (1.0 - k / e) ** batch) if e else 0.0
+    total = 0.0
+    for name, p in model.named_parameters():
+        if "embeddings" in name or name.startswith("mtp."):
+            continue
+        share = used / e if ".experts." in name else 1.0
+        total += p.numel() * p.element_size() * share
+    return total
+
+
+def stream_bandwidth(threads: int, megabytes: int = 768) -> float:
+    """GB/s of matrix-vector products streaming ``megabytes`` of fp32 weights from memory (this machine's
+    ceiling for batch-1 decode, where every weight is read once per token)."""
+    torch.set_num_threads(threads)
+    mats = [torch.randn(4096, 1024) for _ in range(megabytes // 16)]
+    x = torch.randn(1, 1024)
+    for m in mats:  # touch once
+        torch.nn.functional.linear(x, m)
+    best = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        for m in mats:
+            torch.nn.functional.linear(x, m)
+        best = max(best, len(mats) * mats[0].numel() * 4 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
 def _rss_mib() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -195,6 +232,21 @@ def run(args) -> dict:
             return time_generate(m, ids, args.new_tokens, device) - time_generate(m, ids, 1, device)
 
         measure(f"decode_b{batch}", decode, batch * (args.new_tokens - 1))
+    if device == "cpu" and args.decode_batch and not args.no_floor:
+        bw = stream_bandwidth(args.threads)
+        floors = {}
+        for batch in args.decode_batch:
+            row = results["rows"][f"decode_b{batch}"]
+            nbytes = decode_weight_bytes(ours, batch)
+            floor_s = nbytes / (bw * 1e9)  # per step of `batch` tokens
+            native_s = batch / row["native"]
+            floors[f"decode_b{batch}"] = {"weight_MB": nbytes / 1e6, "stream_GBps": bw, "floor_ms": floor_s * 1e3,
+                                          "native_ms": native_s * 1e3, "ours_ms": batch / row["ours"] * 1e3,
+                                          "max_ratio": native_s / floor_s}
+            print(f"  decode_b{batch} floor: {nbytes / 1e6:.0f} MB of weights per step at {bw:.1f} GB/s = "
+                  f"{floor_s * 1e3:.2f} ms; native {native_s * 1e3:.2f} ms, ours {batch / row['ours'] * 1e3:.2f} ms: "
+                  f"no implementation reading fp32 weights can beat native by more than {native_s / floor_s:.2f}x here")
+        results["decode_floor"] = floors
     if not args.no_memory:
         ids_p = torch.randint(3, vocab, (1, max(args.prefill or [512])), generator=g).to(device)
         ids_d = torch.randint(3, vocab, (max(args.decode_batch or [1]), args.prompt), generator=g).to(device)
@@ -217,6 +269,9 @@ def table(results: dict) -> str:
              "| measure | ours | native | ours/native |", "|---|---|---|---|"]
     for label, row in results["rows"].items():
         lines.append(f"| {label} tok/s | {row['ours']:.1f} | {row['native']:.1f} | {row['ratio']:.2f}x |")
+    for label, f in results.get("decode_floor", {}).items():
+        lines.append(f"| {label} bandwidth floor ms/step | {f['ours_ms']:.2f} (floor {f['floor_ms']:.2f}) | "
+                     f"{f['native_ms']:.2f} | at most {f['max_ratio']:.2f}x possible |")
     if "peak_memory_MiB" in results:
         m = results["peak_memory_MiB"]
         lines.append(f"| peak memory MiB | {m['ours']:.0f} | {m['native']:.0f} | {m['ratio']:.2f}x |")
@@ -239,6 +294,7 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--native-experts", default=None, help="eager | grouped_mm | batched_mm (default: fastest)")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-floor", action="store_true", help="skip the memory-bandwidth floor of decode (CPU)")
     p.add_argument("--out", default=None, help="write all results as JSON here")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
