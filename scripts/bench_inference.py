@@ -132,15 +132,20 @@ def peak_memory(model, task, device: str) -> float:
         task(model)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    import resource
 
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: measure, report, exit without cleanup
         os.close(read)
-        before = _rss_mib()
+        torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork (a parallel region would hang)
+        try:  # reset the peak-RSS mark to the current RSS, so the parent's earlier peaks do not hide ours
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            before = _rss_mib("VmRSS")
+        except OSError:
+            before = _rss_mib("VmHWM")
         task(model)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        peak = _rss_mib("VmHWM")
         os.write(write, f"{max(peak - before, 0.0)}".encode())
         os._exit(0)
     os.close(write)
@@ -182,10 +187,11 @@ def stream_bandwidth(threads: int, megabytes: int = 768) -> float:
     return best
 
 
-def _rss_mib() -> float:
+def _rss_mib(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM"):  # peak so far: growth over it is what this task adds
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -222,17 +228,17 @@ def run(args) -> dict:
         print(f"  {label:<22} ours {row['ours']:9.1f} tok/s   native {row['native']:9.1f} tok/s   "
               f"ratio {row['ratio']:.2f}x", flush=True)
 
-    for length in args.prefill:
+    for length in [] if args.memory_only else args.prefill:
         ids = torch.randint(3, vocab, (1, length), generator=g).to(device)
         measure(f"prefill_{length}", lambda m, ids=ids: time_prefill(m, ids, device), length)
-    for batch in args.decode_batch:
+    for batch in [] if args.memory_only else args.decode_batch:
         ids = torch.randint(3, vocab, (batch, args.prompt), generator=g).to(device)
 
         def decode(m, ids=ids):
             return time_generate(m, ids, args.new_tokens, device) - time_generate(m, ids, 1, device)
 
         measure(f"decode_b{batch}", decode, batch * (args.new_tokens - 1))
-    if device == "cpu" and args.decode_batch and not args.no_floor:
+    if device == "cpu" and args.decode_batch and not args.no_floor and not args.memory_only:
         bw = stream_bandwidth(args.threads)
         floors = {}
         for batch in args.decode_batch:
@@ -295,6 +301,7 @@ def main(argv=None) -> None:
     p.add_argument("--native-experts", default=None, help="eager | grouped_mm | batched_mm (default: fastest)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-floor", action="store_true", help="skip the memory-bandwidth floor of decode (CPU)")
+    p.add_argument("--memory-only", action="store_true", help="only the peak-memory workload")
     p.add_argument("--out", default=None, help="write all results as JSON here")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
