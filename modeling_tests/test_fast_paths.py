@@ -157,7 +157,8 @@ def test_moe_few_routes_decode_path_equals_dispatcher_path(name, overrides, toke
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_rms_norms_equal_reference_forward_backward(dtype):
-    """`Nemotron3RMSNorm` and `GatedRMSNorm` equal their op-by-op references: values (with and without autograd), grads."""
+    """`Nemotron3RMSNorm` and `GatedRMSNorm` equal their op-by-op references: values (with and without
+    autograd) and grads."""
     from transformers_nemotron3.modeling.blocks import Nemotron3RMSNorm, rms_norm_reference
     from transformers_nemotron3.modeling.mamba2 import GatedRMSNorm, gated_rms_norm_reference
 

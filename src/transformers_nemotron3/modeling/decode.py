@@ -3,7 +3,7 @@
 At batch-1 decode a layer does almost no arithmetic besides reading its weights, so the time
 goes to framework overhead: module calls, dtype no-ops, mask and position bookkeeping, many small
 kernels. `decode_step` runs one new token per sequence through the stack with functional calls on
-the layers' own parameters, the fused single-step SSM update and in-place elementwise ops. It is
+the layers' own parameters, the fused single-step SSM update and a one-pass RMSNorm. It is
 taken only when every condition below holds (`can_decode_fast`); anything else (training,
 autograd, prefill, speculative verification, packed sequences, RoPE, CUDA kernels, plugin seams)
 uses the layers' regular forward, which this path is tested against.
@@ -95,7 +95,8 @@ def _moe(moe: Nemotron3MoE, x: torch.Tensor) -> torch.Tensor:
     """One token per sequence through an MoE layer: x [b, d] -> [b, d]."""
     _, _, weights, topk_idx = _route(moe, x)
     few = moe.use_few_routes_path(topk_idx)
-    routed_in = F.linear(x, moe.fc1_latent_proj.weight, moe.fc1_latent_proj.bias) if moe.fc1_latent_proj is not None else x
+    latent = moe.fc1_latent_proj
+    routed_in = F.linear(x, latent.weight, latent.bias) if latent is not None else x
     if not few:
         x_sorted, counts, ctx = moe.dispatcher.dispatch(routed_in, topk_idx, moe.num_experts)
         return moe._finish(moe.dispatcher.combine(moe.experts(x_sorted, counts), weights, ctx, x.shape[0]), x)
