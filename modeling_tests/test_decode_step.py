@@ -85,13 +85,39 @@ def test_decode_step_bf16_matches_layer_forward(monkeypatch):
     torch.testing.assert_close(fast, ref, atol=3e-2, rtol=3e-2)
 
 
-def test_decode_step_rms_equals_reference():
-    from transformers_nemotron3.modeling.blocks import rms_norm_reference
+class _LoraLike(torch.nn.Linear):
+    """A linear with a low-rank delta, the way PEFT's LoRA wraps projections (forward differs from F.linear)."""
 
-    x, w = torch.randn(4, 3, 64), torch.randn(64)
-    torch.testing.assert_close(decode_module._rms(x, w, 1e-5), rms_norm_reference(x, w, 1e-5))
-    xb = x.bfloat16()
-    torch.testing.assert_close(decode_module._rms(xb, w, 1e-5), rms_norm_reference(xb, w, 1e-5))
+    def __init__(self, base: torch.nn.Linear, rank: int = 2) -> None:
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
+        self.load_state_dict(base.state_dict())
+        self.lora_a = torch.nn.Parameter(torch.randn(rank, base.in_features) * 0.3)
+        self.lora_b = torch.nn.Parameter(torch.randn(base.out_features, rank) * 0.3)
+
+    def forward(self, x):
+        return super().forward(x) + (x @ self.lora_a.t()) @ self.lora_b.t()
+
+
+def test_decode_step_runs_wrapped_projections_and_hooks(monkeypatch):
+    """LoRA-style linears and forward hooks on projections and norms act in the fast step as in the layers."""
+    model = _model("all_blocks")
+    for layer in model.backbone.layers:
+        mixer = layer.mixer
+        for name in ("in_proj", "out_proj", "q_proj", "v_proj", "o_proj"):
+            if hasattr(mixer, name):
+                setattr(mixer, name, _LoraLike(getattr(mixer, name)))
+    hooked = model.backbone.layers[0].norm
+    hooked.register_forward_hook(lambda mod, args, out: out * 1.5)
+    ids = torch.randint(3, 96, (2, 9))
+    calls = []
+    real = decode_module.decode_step
+    monkeypatch.setattr(modeling_module, "decode_step", lambda *a: calls.append(1) or real(*a))
+    fast, _ = _decode(model, ids, None, 4, True, monkeypatch)
+    assert len(calls) == 4
+    ref, _ = _decode(model, ids, None, 4, False, monkeypatch)
+    torch.testing.assert_close(fast, ref, atol=2e-5, rtol=2e-5)
+    plain, _ = _decode(_model("all_blocks"), ids, None, 4, True, monkeypatch)
+    assert not torch.allclose(fast, plain, atol=1e-3)  # the wrappers did change the result
 
 
 def test_decode_step_steps_aside(monkeypatch):
@@ -113,8 +139,15 @@ def test_decode_step_steps_aside(monkeypatch):
         cache.keep_first(None)
     with torch.no_grad(), torch.enable_grad():
         assert not ok(model.backbone, emb, cache, None, None, False)  # autograd on
-    model.config.use_rope = True
-    assert not ok(model.backbone, emb, cache, None, None, False)
-    model.config.use_rope = False
-    model.config._attn_implementation = "flex_attention"
-    assert not ok(model.backbone, emb, cache, None, None, False)
+    with torch.no_grad():
+        assert ok(model.backbone, emb, cache, None, None, False)
+        model.config.use_rope = True
+        assert not ok(model.backbone, emb, cache, None, None, False)
+        model.config.use_rope = False
+        mixer = model.backbone.layers[0].mixer  # a plugin rebinding a mixer's forward keeps the regular path
+        mixer.forward = mixer.forward
+        assert not ok(model.backbone, emb, cache, None, None, False)
+        del mixer.forward
+        assert ok(model.backbone, emb, cache, None, None, False)
+        model.config._attn_implementation = "flex_attention"
+        assert not ok(model.backbone, emb, cache, None, None, False)

@@ -2,11 +2,13 @@
 
 At batch-1 decode a layer does almost no arithmetic besides reading its weights, so the time
 goes to framework overhead: module calls, dtype no-ops, mask and position bookkeeping, many small
-kernels. `decode_step` runs one new token per sequence through the stack with functional calls on
-the layers' own parameters, the fused single-step SSM update and a one-pass RMSNorm. It is
+kernels. `decode_step` runs one new token per sequence through the stack without the mask,
+position and padding bookkeeping of the general forward, with 2-D activations, the fused
+single-step SSM update and a one-pass RMSNorm. Projections and norms are still called as modules,
+so whatever wraps or replaces them (LoRA adapters, NVFP4 linears, hooks) applies here too. It is
 taken only when every condition below holds (`can_decode_fast`); anything else (training,
-autograd, prefill, speculative verification, packed sequences, RoPE, CUDA kernels, plugin seams)
-uses the layers' regular forward, which this path is tested against.
+autograd, prefill, speculative verification, packed sequences, RoPE, CUDA kernels, a mixer whose
+forward a plugin swapped) uses the layers' regular forward, which this path is tested against.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import torch.nn.functional as F
 from .cache import MambaState
 from .mamba2 import use_kernels
 from .moe import Nemotron3MoE, routed_few_tokens
-from .norms import rms_norm
 
 _FAST_ATTENTION = ("sdpa", "eager")
 
@@ -33,18 +34,14 @@ def can_decode_fast(model, embeds: torch.Tensor, cache, position_ids, seq_idx, o
     for st in cache.layers.values():
         if isinstance(st, MambaState) and (not st.has_previous or st.history is not None):
             return False
-    return True
-
-
-def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """`Nemotron3RMSNorm` without the module call: fp32 math, cast back to ``x``'s dtype."""
-    return rms_norm(x, weight, eps).to(x.dtype)
+    # a plugin that rebinds a mixer's forward (context parallelism) owns that layer: keep its path
+    return not any("forward" in vars(layer.mixer) or "forward" in vars(layer) for layer in model.layers)
 
 
 def _mamba(mixer, x: torch.Tensor, state: MambaState) -> torch.Tensor:
     """One token through a Mamba-2 mixer: x [b, d] (normed) -> [b, d]."""
     b = x.shape[0]
-    zxbcdt = F.linear(x, mixer.in_proj.weight, mixer.in_proj.bias)
+    zxbcdt = mixer.in_proj(x)
     z, xbc, dt = zxbcdt.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
     conv = state.conv  # [b, channels, k]: shift the window left by one, append the new input
     conv.copy_(torch.cat([conv[:, :, 1:], xbc.unsqueeze(-1).to(conv.dtype)], dim=-1))
@@ -64,19 +61,16 @@ def _mamba(mixer, x: torch.Tensor, state: MambaState) -> torch.Tensor:
     s.addcmul_((dt.view(b, g, h // g, 1) * xf).unsqueeze(-1), B.float().view(b, g, 1, 1, n))
     y = torch.matmul(s.view(b, g, -1, n), C.float().view(b, g, n, 1)).view(b, h, p)
     y = torch.addcmul(y, mixer.D.float()[:, None], xf.view(b, h, p)).view(b, -1)
-    # gated grouped RMSNorm, then the output projection
-    norm = mixer.norm
-    y = _rms((F.silu(z.float()) * y).view(b, -1, norm.group_size), None, norm.eps).view(b, -1) * norm.weight.float()
-    return F.linear(y.to(x.dtype), mixer.out_proj.weight, mixer.out_proj.bias)
+    return mixer.out_proj(mixer.norm(y, z, x.dtype))  # gated grouped RMSNorm, output projection
 
 
 def _attention(attn, x: torch.Tensor, state, key_mask: torch.Tensor | None) -> torch.Tensor:
     """One query per sequence against the cached keys: x [b, d] -> [b, d]. No RoPE (checked by the caller)."""
     b = x.shape[0]
     hd = attn.head_dim
-    q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(b, attn.num_heads, 1, hd)
-    k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(b, attn.num_kv_heads, 1, hd)
-    v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(b, attn.num_kv_heads, 1, hd)
+    q = attn.q_proj(x).view(b, attn.num_heads, 1, hd)
+    k = attn.k_proj(x).view(b, attn.num_kv_heads, 1, hd)
+    v = attn.v_proj(x).view(b, attn.num_kv_heads, 1, hd)
     if attn.use_qk_norm:
         q, k = attn.q_norm(q), attn.k_norm(k)
     k, v = state.update(k, v)
@@ -88,15 +82,14 @@ def _attention(attn, x: torch.Tensor, state, key_mask: torch.Tensor | None) -> t
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,
                                              enable_gqa=attn.num_key_value_groups > 1)
-    return F.linear(out.view(b, -1), attn.o_proj.weight, attn.o_proj.bias)
+    return attn.o_proj(out.view(b, -1))
 
 
 def _moe(moe: Nemotron3MoE, x: torch.Tensor) -> torch.Tensor:
     """One token per sequence through an MoE layer: x [b, d] -> [b, d]."""
     _, _, weights, topk_idx = _route(moe, x)
     few = moe.use_few_routes_path(topk_idx)
-    latent = moe.fc1_latent_proj
-    routed_in = F.linear(x, latent.weight, latent.bias) if latent is not None else x
+    routed_in = moe.fc1_latent_proj(x) if moe.fc1_latent_proj is not None else x
     if not few:
         x_sorted, counts, ctx = moe.dispatcher.dispatch(routed_in, topk_idx, moe.num_experts)
         return moe._finish(moe.dispatcher.combine(moe.experts(x_sorted, counts), weights, ctx, x.shape[0]), x)
@@ -122,7 +115,7 @@ def decode_step(model, embeds: torch.Tensor, cache, padding: torch.Tensor | None
     hidden = embeds.view(b, -1)
     for layer in model.layers:
         mixer = layer.mixer
-        x = _rms(hidden, layer.norm.weight, layer.norm.eps)
+        x = layer.norm(hidden)
         kind = layer.block_type
         if kind == "mamba":
             state = cache.get(layer.layer_idx)
@@ -137,7 +130,7 @@ def decode_step(model, embeds: torch.Tensor, cache, padding: torch.Tensor | None
         else:
             out = mixer(x)
         hidden = hidden + out
-    return _rms(hidden, model.norm_f.weight, model.norm_f.eps).view(b, 1, -1)
+    return model.norm_f(hidden).view(b, 1, -1)
 
 
 __all__ = ["can_decode_fast", "decode_step"]
