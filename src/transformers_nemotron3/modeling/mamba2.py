@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .norms import rms_norm
-
 from .ssd import ssd_chunked, ssd_step
 
 logger = logging.getLogger(__name__)
@@ -268,7 +267,7 @@ class Nemotron3Mamba2Mixer(nn.Module):
         window = torch.cat([conv_state[..., 1:], xbc.transpose(1, 2).to(conv_state.dtype)], dim=-1)
         conv_state.copy_(window)
         w = self.conv1d.weight.squeeze(1)
-        conv = (window.to(w.dtype) * w).sum(-1)
+        conv = torch.linalg.vecdot(window.to(w.dtype), w)
         if self.conv1d.bias is not None:
             conv = conv + self.conv1d.bias
         xbc = F.silu(conv)

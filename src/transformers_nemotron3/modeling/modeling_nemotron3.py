@@ -19,7 +19,6 @@ from transformers.utils import ModelOutput
 
 from .blocks import Nemotron3Block, Nemotron3RMSNorm
 from .cache import Nemotron3HybridCache
-from .decode import can_decode_fast, decode_step
 from .checkpoint_io import CheckpointMixin
 from .configuration_nemotron3 import Nemotron3Config
 from .mamba2 import Nemotron3Mamba2Mixer
@@ -233,17 +232,11 @@ class Nemotron3Model(Nemotron3PreTrainedModel):
         output_hidden_states = output_hidden_states or False
         hidden = inputs_embeds
         all_hidden = [] if output_hidden_states else None
-        padding = args["padding_mask_2d"]
-        if can_decode_fast(self, inputs_embeds, cache, position_ids, seq_idx, output_hidden_states) and (
-            padding is None or bool(padding[:, -1].all())
-        ):
-            hidden = decode_step(self, inputs_embeds, cache, padding)
-        else:
-            for layer in self.layers:
-                if all_hidden is not None:
-                    all_hidden.append(hidden)
-                hidden = layer(hidden, cache=cache, **args)
-            hidden = self.norm_f(hidden)
+        for layer in self.layers:
+            if all_hidden is not None:
+                all_hidden.append(hidden)
+            hidden = layer(hidden, cache=cache, **args)
+        hidden = self.norm_f(hidden)
         if all_hidden is not None:
             all_hidden.append(hidden)
         if cache is not None:

@@ -99,18 +99,11 @@ def ssd_chunked(
     if seq_idx is not None:
         owner = torch.cat([sc[:, :1, 0], sc[:, :, -1]], dim=1)  # sequence owning each boundary state
         carry = carry * (owner[:, 1:] == owner[:, :-1])[:, :, None, None, None, None]
-    if torch.is_grad_enabled() and (chunk_states.requires_grad or carry.requires_grad or init.requires_grad):
-        starts = [init]
-        for c in range(nc):
-            starts.append(torch.addcmul(chunk_states[:, c], starts[-1], carry[:, c]))
-        final_state = starts.pop()
-        start_states = torch.stack(starts, dim=1)  # [b, c, g, r, p, n]: the state entering each chunk
-    else:  # inference: write the boundary states into one buffer
-        bounds = torch.empty(b, nc + 1, g, r, p, n, dtype=x.dtype, device=x.device)
-        bounds[:, 0] = init
-        for c in range(nc):
-            torch.addcmul(chunk_states[:, c], bounds[:, c], carry[:, c], out=bounds[:, c + 1])
-        start_states, final_state = bounds[:, :-1], bounds[:, -1]
+    starts = [init]
+    for c in range(nc):
+        starts.append(torch.addcmul(chunk_states[:, c], starts[-1], carry[:, c]))
+    final_state = starts.pop()
+    start_states = torch.stack(starts, dim=1)  # [b, c, g, r, p, n]: the state entering each chunk
 
     # 4. contribution of the state entering each chunk: exp(A_cum_i) * (S_start C_i)
     decay_in = torch.exp(A_cum)  # [b, c, g, r, cs]
