@@ -13,6 +13,7 @@ from .modeling import (
     Nemotron3PreTrainedModel,
 )
 from . import upcycling  # noqa: E402,F401  (attaches Nemotron3ForCausalLM.from_dense)
+from .cpu_kernels import cpu_kernels_enabled, enable_cpu_kernels
 
 __version__ = "0.1.0"
 
@@ -26,5 +27,7 @@ __all__ = [
     "Nemotron3ForCausalLM",
     "Nemotron3PreTrainedModel",
     "Nemotron3HybridCache",
+    "enable_cpu_kernels",
+    "cpu_kernels_enabled",
     "__version__",
 ]

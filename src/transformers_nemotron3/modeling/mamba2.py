@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fast_ops import Nemotron3Linear, fused_mamba_step
 from .norms import rms_norm
 from .ssd import ssd_chunked, ssd_step
 
@@ -172,14 +173,14 @@ class Nemotron3Mamba2Mixer(nn.Module):
         self.time_step_limit = tuple(config.time_step_limit)
         self.use_kernels = bool(config.use_mamba_kernels)
         proj = self.intermediate_size + self.conv_dim + self.num_heads
-        self.in_proj = nn.Linear(config.hidden_size, proj, bias=config.use_bias)
+        self.in_proj = Nemotron3Linear(config.hidden_size, proj, bias=config.use_bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.conv_kernel, groups=self.conv_dim,
                                 padding=self.conv_kernel - 1, bias=config.use_conv_bias)
         self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
         self.D = nn.Parameter(torch.ones(self.num_heads))
         self.norm = GatedRMSNorm(self.intermediate_size, self.n_groups, config.layer_norm_epsilon)
-        self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.use_bias)
+        self.out_proj = Nemotron3Linear(self.intermediate_size, config.hidden_size, bias=config.use_bias)
 
     def _dt(self, dt: torch.Tensor) -> torch.Tensor:
         dt = F.softplus(dt.float() + self.dt_bias.float())
@@ -206,6 +207,9 @@ class Nemotron3Mamba2Mixer(nn.Module):
         state = cache.get(self.layer_idx) if cache is not None else None
 
         if state is not None and state.has_previous and length == 1:
+            fused = fused_mamba_step(self, zxbcdt, A, state)  # CPU kernel, when enabled and applicable
+            if fused is not None:
+                return self.out_proj(fused.view(b, 1, -1).to(dtype))
             y = self._decode_step(z, xbc, dt, A, state)
         elif state is not None and state.has_previous and state.history is not None:
             y = self._recorded_steps(z, xbc, dt, A, state)

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from .fast_ops import Nemotron3Linear
 from .blocks import Nemotron3Block, Nemotron3RMSNorm
 from .cache import Nemotron3HybridCache
 from .checkpoint_io import CheckpointMixin
@@ -260,7 +261,7 @@ class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
     def __init__(self, config: Nemotron3Config) -> None:
         super().__init__(config)
         self.backbone = Nemotron3Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Nemotron3Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mtp = Nemotron3MTP(config) if config.num_nextn_predict_layers > 0 else None
         self.post_init()
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fast_ops import Nemotron3Linear, fused_moe_relu2, fused_moe_relu2_applies
+
 
 def activation(name: str):
     """Activation functions by config name (``relu2`` is squared ReLU)."""
@@ -178,8 +180,8 @@ class Nemotron3MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, act: str, bias: bool) -> None:
         super().__init__()
-        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.up_proj = Nemotron3Linear(hidden, intermediate, bias=bias)
+        self.down_proj = Nemotron3Linear(intermediate, hidden, bias=bias)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,9 +193,9 @@ class Nemotron3GatedMLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, act: str, bias: bool) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.gate_proj = Nemotron3Linear(hidden, intermediate, bias=bias)
+        self.up_proj = Nemotron3Linear(hidden, intermediate, bias=bias)
+        self.down_proj = Nemotron3Linear(intermediate, hidden, bias=bias)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -232,8 +234,8 @@ class Nemotron3MoE(nn.Module):
             if config.n_shared_experts and config.moe_shared_expert_intermediate_size else None
         )
         if latent is not None:
-            self.fc1_latent_proj = nn.Linear(hidden, latent, bias=config.mlp_bias)
-            self.fc2_latent_proj = nn.Linear(latent, hidden, bias=config.mlp_bias)
+            self.fc1_latent_proj = Nemotron3Linear(hidden, latent, bias=config.mlp_bias)
+            self.fc2_latent_proj = Nemotron3Linear(latent, hidden, bias=config.mlp_bias)
         else:
             self.fc1_latent_proj = self.fc2_latent_proj = None
         self.dispatcher = LocalDispatcher()
@@ -251,6 +253,10 @@ class Nemotron3MoE(nn.Module):
             if self.training and self.config.moe_aux_loss_coef > 0 else None
         )
         routed_in = self.fc1_latent_proj(x) if self.fc1_latent_proj is not None else x
+        if self.uses_default_paths() and not torch.is_grad_enabled():
+            fused = self._forward_fused(hidden_states, routed_in, weights, topk_idx)
+            if fused is not None:
+                return fused
         if self.use_few_routes_path(topk_idx):
             return self._forward_few_routes(hidden_states, routed_in, weights, topk_idx)
         x_sorted, counts, ctx = self.dispatcher.dispatch(routed_in, topk_idx, self.num_experts)
@@ -267,10 +273,24 @@ class Nemotron3MoE(nn.Module):
             routed = routed + self.shared_experts(hidden_states)
         return routed
 
+    def uses_default_paths(self) -> bool:
+        """Whether the default dispatcher and expert GEMM are in place (plugins that swap them keep their paths)."""
+        return self.experts.gemm is grouped_mm and type(self.dispatcher) is LocalDispatcher
+
     def use_few_routes_path(self, topk_idx: torch.Tensor) -> bool:
         """Decode fast path: few routes, no gradient, and the default dispatcher and GEMM (plugins keep theirs)."""
-        return (topk_idx.numel() <= FEW_ROUTES_MAX and not torch.is_grad_enabled()
-                and self.experts.gemm is grouped_mm and type(self.dispatcher) is LocalDispatcher)
+        return topk_idx.numel() <= FEW_ROUTES_MAX and not torch.is_grad_enabled() and self.uses_default_paths()
+
+    def _forward_fused(self, hidden_states, routed_in, weights, topk_idx) -> torch.Tensor | None:
+        """Routed experts through the CPU kernel (`fast_ops.fused_moe_relu2`), or None when it does not apply."""
+        if not fused_moe_relu2_applies(self.experts, routed_in):
+            return None
+        shape = hidden_states.shape
+        if self.fc2_latent_proj is None and self.shared_experts is not None and hidden_states.dtype == torch.float32:
+            acc = self.shared_experts(hidden_states).reshape(-1, shape[-1]).contiguous()  # routed sum added in
+            return fused_moe_relu2(self.experts, routed_in, weights, topk_idx, acc).view(shape)
+        acc = routed_in.new_zeros(routed_in.shape[0], routed_in.shape[1], dtype=torch.float32)
+        return self._finish(fused_moe_relu2(self.experts, routed_in, weights, topk_idx, acc), hidden_states)
 
     def _forward_few_routes(self, hidden_states, routed_in, weights, topk_idx) -> torch.Tensor:
         shape = hidden_states.shape

@@ -1,0 +1,198 @@
+"""The optional CPU decode kernels (`transformers_nemotron3.cpu_kernels`) against the PyTorch paths.
+
+Each kernel is compared with the code it replaces: ``small_linear`` with ``F.linear`` (row counts
+around the 8-row groups, odd and unaligned sizes, bias), ``moe_relu2`` with the dispatcher +
+grouped-GEMM path (tokens sharing experts, latent MoE, shared expert), ``mamba_step`` with the
+mixer's PyTorch decode step (conv bias, dt limits, several groups; states updated alike), and
+whole-model cached decoding with the kernels on against off. The seams stay closed where they
+must: under autograd, for other dtypes, for gated experts and for plugin-replaced GEMMs. The
+kernels build with the machine's C++ compiler; without one these tests skip and say why.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_configs import tiny_config
+
+from transformers_nemotron3 import Nemotron3ForCausalLM
+from transformers_nemotron3 import cpu_kernels
+from transformers_nemotron3.modeling import fast_ops
+from transformers_nemotron3.modeling.cache import Nemotron3HybridCache
+from transformers_nemotron3.modeling.moe import Nemotron3MoE
+
+
+class _Spy:
+    """Stands in for ``torch.ops.nemotron3_cpu`` and records which kernels the model called."""
+
+    def __init__(self, real) -> None:
+        self.real, self.calls = real, []
+
+    def __getattr__(self, name):
+        self.calls.append(name)
+        return getattr(self.real, name)
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """Kernels switched on for one test (behind a call-recording spy), off again afterwards."""
+    if not cpu_kernels.enable_cpu_kernels():
+        pytest.skip(f"CPU kernels unavailable here: {cpu_kernels.cpu_kernels_unavailable_reason()}")
+    spy = _Spy(torch.ops.nemotron3_cpu)
+    real_enable = cpu_kernels.enable_cpu_kernels
+
+    def enable(enabled: bool = True) -> bool:  # tests switch them on and off; "on" installs the spy
+        on = real_enable(enabled)
+        if on:
+            fast_ops.ops = spy
+        return on
+
+    monkeypatch.setattr(cpu_kernels, "enable_cpu_kernels", enable)
+    fast_ops.ops = spy
+    yield spy
+    real_enable(False)
+
+
+def _randomize(module: torch.nn.Module, std: float = 0.1, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 16])
+@pytest.mark.parametrize("in_f,out_f,bias", [(64, 48, False), (100, 37, True), (513, 7, True), (16, 1, False)])
+def test_small_linear_equals_f_linear(kernels, rows, in_f, out_f, bias):
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, in_f, generator=gen)
+    w = torch.randn(out_f, in_f, generator=gen)
+    b = torch.randn(out_f, generator=gen) if bias else None
+    got = kernels.small_linear(x, w, b)
+    torch.testing.assert_close(got, F.linear(x, w, b), atol=2e-5, rtol=2e-5)
+    # leading dims and a non-contiguous input
+    x3 = torch.randn(2, in_f, rows, generator=gen).transpose(1, 2)
+    torch.testing.assert_close(kernels.small_linear(x3, w, b), F.linear(x3, w, b), atol=2e-5, rtol=2e-5)
+
+
+def test_linear_module_uses_kernel_only_where_it_applies(kernels):
+    lin = fast_ops.Nemotron3Linear(32, 24)
+    x = torch.randn(3, 32)
+    calls = kernels.calls
+    calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+    assert calls == ["small_linear"]
+    out = lin(x)  # autograd on: PyTorch path, gradients flow
+    assert out.grad_fn is not None and calls == ["small_linear"]
+    with torch.no_grad():
+        lin(torch.randn(fast_ops.MAX_ROWS + 1, 32))  # too many rows: MKL
+        lin.to(torch.bfloat16)(torch.randn(2, 32, dtype=torch.bfloat16))  # other dtype
+    assert calls == ["small_linear"]
+
+
+def _moe_layer(name: str, **overrides) -> Nemotron3MoE:
+    torch.manual_seed(3)
+    model = Nemotron3ForCausalLM(tiny_config(name, **overrides)).eval()
+    layer = next(m for m in model.modules() if isinstance(m, Nemotron3MoE))
+    _randomize(layer, seed=4)
+    return layer
+
+
+@pytest.mark.parametrize("name", ["all_blocks", "latent_groups_mtp"])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 20])
+def test_moe_kernel_equals_dispatcher_path(kernels, name, tokens, monkeypatch):
+    from transformers_nemotron3.modeling import moe as moe_module
+
+    layer = _moe_layer(name)
+    x = torch.randn(tokens, 1, layer.config.hidden_size)
+    with torch.no_grad():
+        assert fast_ops.fused_moe_relu2_applies(layer.experts, x.view(tokens, -1))
+        fused = layer(x)
+        assert "moe_relu2" in kernels.calls
+        cpu_kernels.enable_cpu_kernels(False)
+        monkeypatch.setattr(moe_module, "FEW_ROUTES_MAX", 0)  # the sort / grouped GEMM / combine path
+        ref = layer(x)
+    torch.testing.assert_close(fused, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_moe_kernel_skips_gated_experts_autograd_and_plugins(kernels):
+    from transformers_nemotron3.modeling.moe import grouped_mm
+
+    gated = _moe_layer("all_blocks", moe_gated_experts=True, moe_expert_act="silu")
+    x = torch.randn(2, gated.config.hidden_size)
+    with torch.no_grad():
+        assert not fast_ops.fused_moe_relu2_applies(gated.experts, x)
+    layer = _moe_layer("all_blocks")
+    assert not fast_ops.fused_moe_relu2_applies(layer.experts, x)  # autograd on
+    with torch.no_grad():
+        assert fast_ops.fused_moe_relu2_applies(layer.experts, x)
+        assert not fast_ops.fused_moe_relu2_applies(layer.experts, torch.randn(fast_ops.MAX_MOE_TOKENS + 1, x.shape[1]))
+        layer.experts.gemm = lambda a, w, c: grouped_mm(a, w, c)  # a plugin's GEMM (e.g. NVFP4)
+        assert not layer.uses_default_paths()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"use_conv_bias": False, "time_step_limit": (0.05, 0.5)},
+                                       {"n_groups": 4, "mamba_num_heads": 8}])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_mamba_kernel_step_equals_pytorch_step(kernels, overrides, batch):
+    torch.manual_seed(5)
+    cfg = tiny_config("all_blocks", **overrides)
+    model = Nemotron3ForCausalLM(cfg).eval()
+    mixer = next(m for m in model.modules() if type(m).__name__ == "Nemotron3Mamba2Mixer")
+    _randomize(mixer, std=0.3, seed=6)
+    caches = [Nemotron3HybridCache(cfg, batch, torch.float32, "cpu") for _ in range(2)]
+    gen = torch.Generator().manual_seed(7)
+    conv0 = torch.randn(caches[0].get(mixer.layer_idx).conv.shape, generator=gen)
+    ssm0 = torch.randn(caches[0].get(mixer.layer_idx).ssm.shape, generator=gen)
+    for c in caches:
+        st = c.get(mixer.layer_idx)
+        st.conv.copy_(conv0)
+        st.ssm.copy_(ssm0)
+        st.has_previous = True
+    outs = []
+    with torch.no_grad():
+        for on, cache in zip((True, False), caches):
+            cpu_kernels.enable_cpu_kernels(on)
+            steps = [mixer(torch.randn(batch, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(8 + t)),
+                           cache=cache) for t in range(3)]
+            outs.append(torch.cat(steps, 1))
+    assert kernels.calls.count("mamba_step") == 3
+    torch.testing.assert_close(outs[0], outs[1], atol=3e-5, rtol=3e-5)
+    a, b = caches[0].get(mixer.layer_idx), caches[1].get(mixer.layer_idx)
+    torch.testing.assert_close(a.conv, b.conv, atol=3e-5, rtol=3e-5)  # in_proj outputs (summation order)
+    torch.testing.assert_close(a.ssm, b.ssm, atol=3e-5, rtol=3e-5)
+
+
+@pytest.mark.parametrize("name", ["all_blocks", "latent_groups_mtp"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_cached_decode_with_kernels_equals_without(kernels, name, batch):
+    torch.manual_seed(9)
+    model = Nemotron3ForCausalLM(tiny_config(name)).eval()
+    _randomize(model, std=0.08, seed=10)
+    ids = torch.randint(3, 96, (batch, 16))
+    kernels.calls.clear()
+    logits = []
+    with torch.inference_mode():
+        for on in (True, False):
+            cpu_kernels.enable_cpu_kernels(on)
+            out = model(ids[:, :10], use_cache=True)
+            cache = out.past_key_values
+            steps = [model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1] for t in range(10, 16)]
+            logits.append(torch.stack(steps, 1))
+        cpu_kernels.enable_cpu_kernels(True)
+        greedy_on = model.generate(ids[:, :10], max_new_tokens=8, do_sample=False)
+        cpu_kernels.enable_cpu_kernels(False)
+        greedy_off = model.generate(ids[:, :10], max_new_tokens=8, do_sample=False)
+    assert {"small_linear", "moe_relu2", "mamba_step"} <= set(kernels.calls)
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
+    assert torch.equal(greedy_on, greedy_off)
+
+
+def test_enable_reports_failure_and_keeps_pytorch_paths(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_kernels, "_load", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "_REASON", "building them failed (no compiler)")
+    with caplog.at_level("WARNING"):
+        assert cpu_kernels.enable_cpu_kernels() is False
+    assert fast_ops.ops is None and not cpu_kernels.cpu_kernels_enabled()
+    assert "no compiler" in caplog.text

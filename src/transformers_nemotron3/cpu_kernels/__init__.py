@@ -1,0 +1,105 @@
+"""Optional fp32 CPU kernels for decode steps (batch 1-16), compiled once on first use.
+
+`enable_cpu_kernels()` builds ``decode_kernels.cpp`` with the system C++ compiler (through
+``torch.utils.cpp_extension``, cached under ``~/.cache/torch_extensions``; about 15 s the first
+time) and plugs three operations into the model's seam `transformers_nemotron3.modeling.fast_ops`:
+
+- ``small_linear``: ``x W^T + b`` for at most 16 rows, streaming each weight row once with a
+  software prefetch (MKL's sgemm packs the weight from 4 rows on and runs at a third of the
+  memory bandwidth; one row it matches);
+- ``moe_relu2``: the routed squared-ReLU experts of a few tokens, grouped by expert, weighted sum
+  added into the output, in two parallel regions;
+- ``mamba_step``: a Mamba-2 decode step between ``in_proj`` and ``out_proj`` (conv window, SSM
+  update and readout, gate and group RMSNorm) in one parallel region.
+
+They run only without autograd, on CPU, in float32, with no plugin in the way (LoRA-wrapped or
+NVFP4 linears, expert-parallel dispatchers and quantized expert GEMMs keep their own paths).
+Results equal the PyTorch paths up to fp32 summation order (``modeling_tests/test_cpu_kernels.py``).
+Checkpoints are unaffected: the kernels touch no parameter and no state-dict key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..modeling import fast_ops
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("decode_kernels.cpp")
+_LOADED: bool | None = None  # None: not tried; False: failed (reason in _REASON)
+_REASON = ""
+
+
+def _cpu_tag() -> str:
+    """A short hash of this CPU's feature flags (the build uses ``-march=native``)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
+def _load() -> bool:
+    global _LOADED, _REASON
+    if _LOADED is not None:
+        return _LOADED
+    try:
+        from torch.utils.cpp_extension import load
+
+        logger.info("compiling the Nemotron 3 CPU decode kernels (once per machine, ~15 s)")
+        load(
+            name=f"nemotron3_cpu_kernels_{_cpu_tag()}",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=bool(os.environ.get("NEMOTRON3_CPU_KERNELS_VERBOSE")),
+        )
+        if not torch.ops.nemotron3_cpu.has_avx512():
+            _LOADED, _REASON = False, "this CPU has no AVX-512; the PyTorch paths are faster than the portable kernels"
+        else:
+            _LOADED = True
+    except Exception as exc:  # noqa: BLE001 - no compiler, no headers, ...: fall back to PyTorch
+        lines = str(exc).strip().splitlines()
+        _LOADED = False
+        _REASON = (f"building them failed ({type(exc).__name__}: {lines[-1] if lines else exc}; "
+                   "set NEMOTRON3_CPU_KERNELS_VERBOSE=1 to see the compiler output)")
+    return _LOADED
+
+
+def enable_cpu_kernels(enabled: bool = True) -> bool:
+    """Switch the CPU decode kernels on (building them on first use) or off; returns whether they are on.
+
+    When they cannot be built or used (no C++ compiler, no AVX-512), a warning says why and the
+    model keeps its PyTorch paths. Affects every Nemotron 3 model in this process.
+    """
+    if not enabled:
+        fast_ops.ops = None
+        return False
+    if not _load():
+        logger.warning("Nemotron 3 CPU kernels unavailable (%s); using the PyTorch paths.", _REASON)
+        fast_ops.ops = None
+        return False
+    fast_ops.ops = torch.ops.nemotron3_cpu
+    return True
+
+
+def cpu_kernels_enabled() -> bool:
+    """Whether the CPU decode kernels are switched on."""
+    return fast_ops.ops is not None
+
+
+def cpu_kernels_unavailable_reason() -> str:
+    """Why `enable_cpu_kernels` could not switch them on ("" when it could or was not tried)."""
+    return _REASON
+
+
+__all__ = ["enable_cpu_kernels", "cpu_kernels_enabled", "cpu_kernels_unavailable_reason"]

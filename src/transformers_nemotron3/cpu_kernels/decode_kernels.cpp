@@ -1,0 +1,363 @@
+// CPU kernels for few-token (decode) steps of Nemotron 3 in fp32, registered as torch.ops.nemotron3_cpu.*
+//
+// Why: at batch 1-16 every weight matrix is read once per step, so a step costs the time to stream the
+// weights. MKL's sgemm reaches that speed only for one row; from 4 rows on it packs the weight first and
+// runs at a third of the bandwidth. `small_linear` streams each weight row once for up to 16 input rows,
+// with a software prefetch one row pair ahead. `moe_relu2` runs the routed experts of a few tokens
+// (grouped by expert, the weighted sum added into the output) and `mamba_step` a whole Mamba-2 decode
+// step after the input projection (conv window, SSM update and readout, gated group RMSNorm), each in one
+// parallel region instead of tens of small ATen ops. All arithmetic is fp32 and the results equal the
+// PyTorch paths up to fp32 summation order; modeling_tests/test_cpu_kernels.py checks each against them.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int kRowGroup = 8;  // input rows that share one pass over a weight row pair
+
+#if defined(__AVX512F__)
+// y[m * ldy + o] = epilogue(sum_i x[m * ldx + i] * W[o * I + i] + bias[o]) for o in [o0, o1), m < M.
+// Two weight rows per pass, M accumulators each (2M <= 16 zmm registers); the next pair is prefetched.
+template <int M, bool RELU2>
+void rows_kernel(const float* x, int64_t ldx, const float* W, int64_t I, int64_t o0, int64_t o1, float* y,
+                 int64_t ldy, const float* bias) {
+  const int64_t full = I / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (I - full)) - 1u);
+  const int64_t ahead = 2 * I;
+  auto finish = [&](float v, int64_t o) {
+    v += bias ? bias[o] : 0.f;
+    if (RELU2) v = v > 0.f ? v * v : 0.f;
+    return v;
+  };
+  int64_t o = o0;
+  for (; o + 1 < o1; o += 2) {
+    __m512 a0[M], a1[M];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) { a0[m] = _mm512_setzero_ps(); a1[m] = _mm512_setzero_ps(); }
+    const float* w0 = W + o * I;
+    const float* w1 = w0 + I;
+    for (int64_t i = 0; i < full; i += 16) {
+      _mm_prefetch(reinterpret_cast<const char*>(w0 + ahead + i), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w1 + ahead + i), _MM_HINT_T0);
+      const __m512 v0 = _mm512_loadu_ps(w0 + i), v1 = _mm512_loadu_ps(w1 + i);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const __m512 xv = _mm512_loadu_ps(x + m * ldx + i);
+        a0[m] = _mm512_fmadd_ps(v0, xv, a0[m]);
+        a1[m] = _mm512_fmadd_ps(v1, xv, a1[m]);
+      }
+    }
+    if (tail) {
+      const __m512 v0 = _mm512_maskz_loadu_ps(tail, w0 + full), v1 = _mm512_maskz_loadu_ps(tail, w1 + full);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const __m512 xv = _mm512_maskz_loadu_ps(tail, x + m * ldx + full);
+        a0[m] = _mm512_fmadd_ps(v0, xv, a0[m]);
+        a1[m] = _mm512_fmadd_ps(v1, xv, a1[m]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      y[m * ldy + o] = finish(_mm512_reduce_add_ps(a0[m]), o);
+      y[m * ldy + o + 1] = finish(_mm512_reduce_add_ps(a1[m]), o + 1);
+    }
+  }
+  if (o < o1) {  // odd row count: the last row alone
+    __m512 a0[M];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) a0[m] = _mm512_setzero_ps();
+    const float* w0 = W + o * I;
+    for (int64_t i = 0; i < full; i += 16) {
+      const __m512 v0 = _mm512_loadu_ps(w0 + i);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) a0[m] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x + m * ldx + i), a0[m]);
+    }
+    if (tail) {
+      const __m512 v0 = _mm512_maskz_loadu_ps(tail, w0 + full);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) a0[m] = _mm512_fmadd_ps(v0, _mm512_maskz_loadu_ps(tail, x + m * ldx + full), a0[m]);
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) y[m * ldy + o] = finish(_mm512_reduce_add_ps(a0[m]), o);
+  }
+}
+#else
+// Portable version (no AVX-512 at build time): the Python side does not enable the GEMM paths then.
+template <int M, bool RELU2>
+void rows_kernel(const float* x, int64_t ldx, const float* W, int64_t I, int64_t o0, int64_t o1, float* y,
+                 int64_t ldy, const float* bias) {
+  for (int64_t o = o0; o < o1; ++o) {
+    for (int m = 0; m < M; ++m) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < I; ++i) acc += x[m * ldx + i] * W[o * I + i];
+      acc += bias ? bias[o] : 0.f;
+      if (RELU2) acc = acc > 0.f ? acc * acc : 0.f;
+      y[m * ldy + o] = acc;
+    }
+  }
+}
+#endif
+
+using RowsFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t,
+                        const float*);
+
+template <bool RELU2>
+RowsFn rows_for(int m) {
+  switch (m) {
+    case 1: return rows_kernel<1, RELU2>;
+    case 2: return rows_kernel<2, RELU2>;
+    case 3: return rows_kernel<3, RELU2>;
+    case 4: return rows_kernel<4, RELU2>;
+    case 5: return rows_kernel<5, RELU2>;
+    case 6: return rows_kernel<6, RELU2>;
+    case 7: return rows_kernel<7, RELU2>;
+    default: return rows_kernel<8, RELU2>;
+  }
+}
+
+// Rows [o0, o1) of y = x W^T (+ b) for any M: weight row pairs outermost so each pair serves every group
+// of 8 input rows while it is in L1 (blocks of 16 rows keep the prefetch running ahead).
+template <bool RELU2>
+void rows_any_m(const float* x, int64_t ldx, int64_t M, const float* W, int64_t I, int64_t o0, int64_t o1,
+                float* y, int64_t ldy, const float* bias) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t b0 = o0; b0 < o1; b0 += kBlock) {
+    const int64_t b1 = std::min(o1, b0 + kBlock);
+    for (int64_t m0 = 0; m0 < M; m0 += kRowGroup) {
+      const int mm = static_cast<int>(std::min<int64_t>(kRowGroup, M - m0));
+      rows_for<RELU2>(mm)(x + m0 * ldx, ldx, W, I, b0, b1, y + m0 * ldy, ldy, bias);
+    }
+  }
+}
+
+void check_f32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "nemotron3_cpu: ", name,
+              " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
+}
+
+constexpr int64_t kGrain = 16;  // fewer output rows than this run on one thread
+
+}  // namespace
+
+// y = x W^T + b over the last dim of x; x [..., I], W [O, I] contiguous, b [O] or None.
+at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  check_f32(x, "x");
+  check_f32(weight, "weight");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "nemotron3_cpu.small_linear: weight must be 2-D contiguous");
+  const int64_t I = weight.size(1), O = weight.size(0);
+  TORCH_CHECK(x.size(-1) == I, "nemotron3_cpu.small_linear: x has ", x.size(-1), " features, weight expects ", I);
+  const at::Tensor x2 = x.reshape({-1, I}).contiguous();
+  const int64_t M = x2.size(0);
+  const float* bp = nullptr;
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = bias->contiguous();
+    check_f32(b, "bias");
+    bp = b.data_ptr<float>();
+  }
+  auto sizes = x.sizes().vec();
+  sizes.back() = O;
+  at::Tensor y = at::empty({M, O}, x.options());
+  const float* xp = x2.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
+    rows_any_m<false>(xp, I, M, wp, I, o0, o1, yp, O, bp);
+  });
+  return y.view(sizes);
+}
+
+// acc[t] += sum_j weights[t, j] * down[e] relu2(up[e] x[t]) with e = topk_idx[t, j] (non-gated relu^2 experts).
+// x [T, H], up [E, F, H], down [E, H, F], topk_idx [T, k] int64, weights [T, k] fp32, acc [T, H] fp32.
+at::Tensor moe_relu2(const at::Tensor& x, const at::Tensor& up, const at::Tensor& down, const at::Tensor& topk_idx,
+                     const at::Tensor& weights, at::Tensor acc) {
+  for (const at::Tensor* p : std::initializer_list<const at::Tensor*>{&x, &up, &down, &weights, &acc}) check_f32(*p, "argument");
+  TORCH_CHECK(up.is_contiguous() && down.is_contiguous() && acc.is_contiguous(),
+              "nemotron3_cpu.moe_relu2: expert weights and acc must be contiguous");
+  TORCH_CHECK(topk_idx.scalar_type() == at::kLong, "nemotron3_cpu.moe_relu2: topk_idx must be int64");
+  const int64_t T = x.size(0), H = x.size(1), E = up.size(0), F = up.size(1), k = topk_idx.size(1);
+  TORCH_CHECK(up.size(2) == H && down.size(0) == E && down.size(1) == H && down.size(2) == F &&
+                  acc.size(0) == T && acc.size(1) == H && weights.size(0) == T && weights.size(1) == k,
+              "nemotron3_cpu.moe_relu2: shapes do not match");
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor idx = topk_idx.contiguous();
+  const at::Tensor wts = weights.contiguous();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const float* wtp = wts.data_ptr<float>();
+  const int64_t R = T * k;
+
+  // routes sorted by expert: route r -> (token, weight); start/count per used expert
+  std::vector<int64_t> count(E, 0);
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(ip[r] >= 0 && ip[r] < E, "nemotron3_cpu.moe_relu2: expert index ", ip[r], " out of range");
+    ++count[ip[r]];
+  }
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + count[e];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1), token(R);
+  std::vector<float> scale(R);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t pos = fill[ip[r]]++;
+    token[pos] = r / k;
+    scale[pos] = wtp[r];
+  }
+  std::vector<int64_t> used;
+  for (int64_t e = 0; e < E; ++e)
+    if (count[e]) used.push_back(e);
+  const int64_t U = static_cast<int64_t>(used.size());
+
+  at::Tensor xg = at::empty({R, H}, x.options());  // token rows in expert order
+  at::Tensor hg = at::empty({R, F}, x.options());  // relu2(up x) per route
+  at::Tensor og = at::empty({R, H}, x.options());  // down h per route (before weighting)
+  const float* xp = xc.data_ptr<float>();
+  float* xgp = xg.data_ptr<float>();
+  float* hgp = hg.data_ptr<float>();
+  float* ogp = og.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r) std::copy(xp + token[r] * H, xp + (token[r] + 1) * H, xgp + r * H);
+  const float* upp = up.data_ptr<float>();
+  const float* dnp = down.data_ptr<float>();
+  float* accp = acc.data_ptr<float>();
+
+  // up + relu2: rows of all used experts laid end to end, split across threads
+  at::parallel_for(0, U * F, kGrain, [&](int64_t a, int64_t b) {
+    for (int64_t u = a / F; u < U && u * F < b; ++u) {
+      const int64_t e = used[u];
+      const int64_t f0 = std::max(a, u * F) - u * F, f1 = std::min(b, (u + 1) * F) - u * F;
+      rows_any_m<true>(xgp + start[e] * H, H, count[e], upp + e * F * H, H, f0, f1, hgp + start[e] * F, F, nullptr);
+    }
+  });
+  // down, then the weighted sum into acc: threads own output columns, so every thread visits every expert
+  at::parallel_for(0, H, kGrain, [&](int64_t o0, int64_t o1) {
+    for (int64_t u = 0; u < U; ++u) {
+      const int64_t e = used[u];
+      rows_any_m<false>(hgp + start[e] * F, F, count[e], dnp + e * H * F, F, o0, o1, ogp + start[e] * H, H, nullptr);
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      float* dst = accp + token[r] * H;
+      const float* src = ogp + r * H;
+      const float s = scale[r];
+      for (int64_t o = o0; o < o1; ++o) dst[o] += s * src[o];
+    }
+  });
+  return acc;
+}
+
+// One Mamba-2 decode step after in_proj. zxbcdt [b, d_inner + conv_dim + h] (z | x B C | dt);
+// conv_state [b, conv_dim, K] and ssm [b, h, p, n] are updated in place; returns the gated, group-normed
+// y [b, d_inner] (input of out_proj). A = -exp(A_log) [h]; dt = clamp(softplus(dt + dt_bias), lo, hi).
+at::Tensor mamba_step(const at::Tensor& zxbcdt, at::Tensor conv_state, const at::Tensor& conv_w,
+                      const c10::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,
+                      const at::Tensor& D, at::Tensor ssm, const at::Tensor& norm_w, int64_t n_groups, double eps,
+                      double dt_lo, double dt_hi) {
+  for (const at::Tensor* p : std::initializer_list<const at::Tensor*>{&zxbcdt, &conv_state, &conv_w, &dt_bias, &A, &D, &ssm, &norm_w}) check_f32(*p, "argument");
+  TORCH_CHECK(conv_state.is_contiguous() && ssm.is_contiguous(), "nemotron3_cpu.mamba_step: states must be contiguous");
+  const int64_t B = ssm.size(0), Hh = ssm.size(1), P = ssm.size(2), N = ssm.size(3);
+  const int64_t d_inner = Hh * P, C = conv_state.size(1), K = conv_state.size(2), G = n_groups;
+  TORCH_CHECK(C == d_inner + 2 * G * N && zxbcdt.size(-1) == d_inner + C + Hh && Hh % G == 0,
+              "nemotron3_cpu.mamba_step: shapes do not match (conv_dim ", C, ", heads ", Hh, ", groups ", G, ")");
+  const at::Tensor in = zxbcdt.reshape({B, -1}).contiguous();
+  const at::Tensor w = conv_w.reshape({C, K}).contiguous();
+  at::Tensor cb;
+  const float* cbp = nullptr;
+  if (conv_b.has_value() && conv_b->defined()) {
+    cb = conv_b->contiguous();
+    cbp = cb.data_ptr<float>();
+  }
+  const at::Tensor dtb = dt_bias.contiguous(), Ac = A.contiguous(), Dc = D.contiguous(), nw = norm_w.contiguous();
+  at::Tensor out = at::empty({B, d_inner}, zxbcdt.options());
+  const int64_t row = in.size(1), heads_per_group = Hh / G, group_width = heads_per_group * P;
+  const float* inp = in.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* dtbp = dtb.data_ptr<float>();
+  const float* Ap = Ac.data_ptr<float>();
+  const float* Dp = Dc.data_ptr<float>();
+  const float* nwp = nw.data_ptr<float>();
+  float* csp = conv_state.data_ptr<float>();
+  float* sp = ssm.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float lo = static_cast<float>(dt_lo), hi = static_cast<float>(dt_hi);
+
+  at::parallel_for(0, B * G, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<float> xs(group_width), Bs(N), Cs(N);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / G, g = u % G;
+      const float* zrow = inp + b * row;
+      const float* xbc = zrow + d_inner;
+      const float* dtrow = xbc + C;
+      // conv window shift + depthwise conv + SiLU for this group's x, B and C channels
+      auto conv = [&](int64_t c) {
+        float* st = csp + (b * C + c) * K;
+        for (int64_t j = 0; j + 1 < K; ++j) st[j] = st[j + 1];
+        st[K - 1] = xbc[c];
+        float v = cbp ? cbp[c] : 0.f;
+        for (int64_t j = 0; j < K; ++j) v += st[j] * wp[c * K + j];
+        return v / (1.f + std::exp(-v));
+      };
+      for (int64_t j = 0; j < group_width; ++j) xs[j] = conv(g * group_width + j);
+      for (int64_t j = 0; j < N; ++j) Bs[j] = conv(d_inner + g * N + j);
+      for (int64_t j = 0; j < N; ++j) Cs[j] = conv(d_inner + G * N + g * N + j);
+      float sumsq = 0.f;
+      float* orow = op + b * d_inner + g * group_width;
+      for (int64_t hh = 0; hh < heads_per_group; ++hh) {
+        const int64_t h = g * heads_per_group + hh;
+        float dt = dtrow[h] + dtbp[h];
+        dt = dt > 20.f ? dt : std::log1p(std::exp(dt));  // softplus (beta 1, threshold 20)
+        dt = std::min(std::max(dt, lo), hi);
+        const float dA = std::exp(dt * Ap[h]);
+        for (int64_t p = 0; p < P; ++p) {
+          const float xv = xs[hh * P + p];
+          const float dx = dt * xv;
+          float* s = sp + ((b * Hh + h) * P + p) * N;
+          float y = 0.f;
+#pragma omp simd reduction(+ : y)
+          for (int64_t n = 0; n < N; ++n) {
+            const float v = s[n] * dA + dx * Bs[n];
+            s[n] = v;
+            y += v * Cs[n];
+          }
+          y += Dp[h] * xv;
+          const float z = zrow[h * P + p];
+          y *= z / (1.f + std::exp(-z));  // gate: y * silu(z)
+          orow[hh * P + p] = y;
+          sumsq += y * y;
+        }
+      }
+      const float inv = 1.f / std::sqrt(sumsq / static_cast<float>(group_width) + static_cast<float>(eps));
+      const float* wrow = nwp + g * group_width;
+      for (int64_t j = 0; j < group_width; ++j) orow[j] = orow[j] * inv * wrow[j];
+    }
+  });
+  return out;
+}
+
+bool has_avx512() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+TORCH_LIBRARY(nemotron3_cpu, m) {
+  m.def("small_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("moe_relu2(Tensor x, Tensor up, Tensor down, Tensor topk_idx, Tensor weights, Tensor(a!) acc) -> Tensor(a!)");
+  m.def("mamba_step(Tensor zxbcdt, Tensor(a!) conv_state, Tensor conv_w, Tensor? conv_b, Tensor dt_bias, Tensor A, "
+        "Tensor D, Tensor(b!) ssm, Tensor norm_w, int n_groups, float eps, float dt_lo, float dt_hi) -> Tensor");
+  m.def("has_avx512() -> bool", has_avx512);
+}
+
+TORCH_LIBRARY_IMPL(nemotron3_cpu, CPU, m) {
+  m.impl("small_linear", small_linear);
+  m.impl("moe_relu2", moe_relu2);
+  m.impl("mamba_step", mamba_step);
+}

@@ -1,0 +1,62 @@
+"""Seam for optional fused CPU kernels on decode steps (few tokens, no autograd, float32).
+
+``ops`` is None unless the package's ``enable_cpu_kernels()`` plugged the compiled kernels
+in; every helper here then returns None (or runs ``F.linear``) so the model's PyTorch paths run.
+Copied with the modeling files into saved checkpoints, where ``ops`` simply stays None.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ops = None  # torch.ops.nemotron3_cpu when enabled
+MAX_ROWS = 16  # small_linear: at most this many input rows (beyond, MKL's GEMM is as fast)
+MAX_MOE_TOKENS = 32  # moe_relu2: at most this many tokens
+
+
+def _plain(*tensors: torch.Tensor) -> bool:
+    """CPU float32 tensors and no autograd graph to build."""
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+class Nemotron3Linear(nn.Linear):
+    """``nn.Linear`` that runs few-row products through the CPU kernel when it is enabled."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (ops is not None and x.numel() <= MAX_ROWS * self.in_features and self.weight.is_contiguous()
+                and _plain(x, self.weight)):
+            return ops.small_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def fused_mamba_step(mixer, zxbcdt: torch.Tensor, A: torch.Tensor, state) -> torch.Tensor | None:
+    """A fused Mamba-2 decode step (the gated, normed input of ``out_proj``), or None when not applicable."""
+    if ops is None:
+        return None
+    conv_b = mixer.conv1d.bias
+    tensors = [zxbcdt, state.conv, state.ssm, mixer.conv1d.weight, mixer.dt_bias, mixer.D, mixer.norm.weight]
+    if not _plain(*tensors, *([conv_b] if conv_b is not None else [])):
+        return None
+    lo, hi = mixer.time_step_limit
+    return ops.mamba_step(zxbcdt, state.conv, mixer.conv1d.weight, conv_b, mixer.dt_bias, A, mixer.D, state.ssm,
+                          mixer.norm.weight, mixer.n_groups, mixer.norm.eps, float(lo), float(hi))
+
+
+def fused_moe_relu2_applies(experts, x: torch.Tensor) -> bool:
+    """Whether `fused_moe_relu2` can run these routed experts on these tokens."""
+    return (ops is not None and experts.gate_proj is None and getattr(experts.act, "__name__", "") == "_relu2"
+            and x.shape[0] <= MAX_MOE_TOKENS and _plain(x, experts.up_proj, experts.down_proj))
+
+
+def fused_moe_relu2(experts, x: torch.Tensor, weights: torch.Tensor, topk_idx: torch.Tensor,
+              acc: torch.Tensor) -> torch.Tensor:
+    """``acc [T, width] += sum_j weights[:, j] * expert_{topk_idx[:, j]}(x)`` in place (check `fused_moe_relu2_applies`)."""
+    return ops.moe_relu2(x, experts.up_proj, experts.down_proj, topk_idx, weights.float(), acc)
+
+
+__all__ = ["Nemotron3Linear", "fused_mamba_step", "fused_moe_relu2", "fused_moe_relu2_applies", "ops"]
