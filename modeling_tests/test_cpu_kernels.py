@@ -196,3 +196,26 @@ def test_enable_reports_failure_and_keeps_pytorch_paths(monkeypatch, caplog):
         assert cpu_kernels.enable_cpu_kernels() is False
     assert fast_ops.ops is None and not cpu_kernels.cpu_kernels_enabled()
     assert "no compiler" in caplog.text
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 512), (3, 5, 100), (7, 16)])
+def test_rms_norm_kernel_equals_reference(kernels, shape):
+    from transformers_nemotron3.modeling.blocks import rms_norm_reference
+    from transformers_nemotron3.modeling.norms import rms_norm
+
+    gen = torch.Generator().manual_seed(11)
+    x, w = torch.randn(*shape, generator=gen) * 3, torch.randn(shape[-1], generator=gen)
+    with torch.no_grad():
+        got = rms_norm(x, w, 1e-5)
+    assert kernels.calls == ["rms_norm"]
+    torch.testing.assert_close(got, rms_norm_reference(x, w, 1e-5), atol=1e-5, rtol=1e-5)
+    assert rms_norm(x.requires_grad_(), w, 1e-5).grad_fn is not None and kernels.calls == ["rms_norm"]
+
+
+def test_router_logits_use_small_linear(kernels):
+    layer = _moe_layer("all_blocks")
+    x = torch.randn(2, layer.config.hidden_size)
+    with torch.no_grad():
+        logits = layer.gate(x)[0]
+    assert "small_linear" in kernels.calls
+    torch.testing.assert_close(logits, F.linear(x, layer.gate.weight), atol=1e-5, rtol=1e-5)

@@ -16,7 +16,7 @@ MAX_ROWS = 16  # small_linear: at most this many input rows (beyond, MKL's GEMM 
 MAX_MOE_TOKENS = 32  # moe_relu2: at most this many tokens
 
 
-def _plain(*tensors: torch.Tensor) -> bool:
+def plain(*tensors: torch.Tensor) -> bool:
     """CPU float32 tensors and no autograd graph to build."""
     for t in tensors:
         if t.device.type != "cpu" or t.dtype != torch.float32:
@@ -24,14 +24,26 @@ def _plain(*tensors: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, through the few-row CPU kernel when enabled and applicable."""
+    if (ops is not None and x.numel() <= MAX_ROWS * weight.shape[-1] and weight.is_contiguous()
+            and plain(x, weight)):
+        return ops.small_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 class Nemotron3Linear(nn.Linear):
     """``nn.Linear`` that runs few-row products through the CPU kernel when it is enabled."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (ops is not None and x.numel() <= MAX_ROWS * self.in_features and self.weight.is_contiguous()
-                and _plain(x, self.weight)):
-            return ops.small_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
+
+
+def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor | None:
+    """RMSNorm with a weight in one pass through the CPU kernel, or None when not applicable."""
+    if ops is None or weight is None or not plain(x, weight):
+        return None
+    return ops.rms_norm(x, weight, eps)
 
 
 def fused_mamba_step(mixer, zxbcdt: torch.Tensor, A: torch.Tensor, state) -> torch.Tensor | None:
@@ -40,7 +52,7 @@ def fused_mamba_step(mixer, zxbcdt: torch.Tensor, A: torch.Tensor, state) -> tor
         return None
     conv_b = mixer.conv1d.bias
     tensors = [zxbcdt, state.conv, state.ssm, mixer.conv1d.weight, mixer.dt_bias, mixer.D, mixer.norm.weight]
-    if not _plain(*tensors, *([conv_b] if conv_b is not None else [])):
+    if not plain(*tensors, *([conv_b] if conv_b is not None else [])):
         return None
     lo, hi = mixer.time_step_limit
     return ops.mamba_step(zxbcdt, state.conv, mixer.conv1d.weight, conv_b, mixer.dt_bias, A, mixer.D, state.ssm,
@@ -50,7 +62,7 @@ def fused_mamba_step(mixer, zxbcdt: torch.Tensor, A: torch.Tensor, state) -> tor
 def fused_moe_relu2_applies(experts, x: torch.Tensor) -> bool:
     """Whether `fused_moe_relu2` can run these routed experts on these tokens."""
     return (ops is not None and experts.gate_proj is None and getattr(experts.act, "__name__", "") == "_relu2"
-            and x.shape[0] <= MAX_MOE_TOKENS and _plain(x, experts.up_proj, experts.down_proj))
+            and x.shape[0] <= MAX_MOE_TOKENS and plain(x, experts.up_proj, experts.down_proj))
 
 
 def fused_moe_relu2(experts, x: torch.Tensor, weights: torch.Tensor, topk_idx: torch.Tensor,
@@ -59,4 +71,4 @@ def fused_moe_relu2(experts, x: torch.Tensor, weights: torch.Tensor, topk_idx: t
     return ops.moe_relu2(x, experts.up_proj, experts.down_proj, topk_idx, weights.float(), acc)
 
 
-__all__ = ["Nemotron3Linear", "fused_mamba_step", "fused_moe_relu2", "fused_moe_relu2_applies", "ops"]
+__all__ = ["Nemotron3Linear", "linear", "plain", "fused_rms_norm", "fused_mamba_step", "fused_moe_relu2", "fused_moe_relu2_applies", "ops"]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fast_ops import Nemotron3Linear, fused_moe_relu2, fused_moe_relu2_applies
+from .fast_ops import Nemotron3Linear, fused_moe_relu2, fused_moe_relu2_applies, linear
 
 
 def activation(name: str):
@@ -147,7 +147,7 @@ class Nemotron3Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, hidden] -> (logits [T, E] fp32, scores [T, E], topk_weights [T, k] fp32, topk_idx [T, k])."""
-        logits = F.linear(x.float(), self.weight.float())
+        logits = linear(x.float(), self.weight.float())
         if self.score_function == "sigmoid":
             scores = logits.sigmoid()
         elif self.score_function == "softmax":
