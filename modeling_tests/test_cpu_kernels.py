@@ -219,3 +219,37 @@ def test_router_logits_use_small_linear(kernels):
         logits = layer.gate(x)[0]
     assert "small_linear" in kernels.calls
     torch.testing.assert_close(logits, F.linear(x, layer.gate.weight), atol=1e-5, rtol=1e-5)
+
+
+def test_speculative_rollback_with_kernels_equals_recompute(kernels):
+    """Verification of a draft block records the fused step's states; keeping 2 of 4 tokens continues exactly."""
+    torch.manual_seed(12)
+    model = Nemotron3ForCausalLM(tiny_config("all_blocks")).eval()
+    _randomize(model, std=0.08, seed=13)
+    ids = torch.randint(3, 96, (1, 14))
+    wrong = torch.randint(3, 96, (1, 2))
+    with torch.inference_mode():
+        cpu_kernels.enable_cpu_kernels(False)
+        full = model(ids, use_cache=False).logits
+        cpu_kernels.enable_cpu_kernels(True)
+        out = model(ids[:, :10], use_cache=True)
+        cache = out.past_key_values
+        cache.start_recording()
+        kernels.calls.clear()
+        verify = model(torch.cat([ids[:, 10:12], wrong], dim=1), past_key_values=cache, use_cache=True).logits
+        assert kernels.calls.count("mamba_step") == 4 * 2  # 4 tokens x 2 Mamba layers
+        cache.keep_first(2)
+        rest = model(ids[:, 12:14], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(verify[:, :2], full[:, 10:12], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rest, full[:, 12:14], atol=1e-4, rtol=1e-4)
+
+
+def test_environment_variable_switches_kernels_on(kernels):
+    import subprocess
+    import sys
+
+    code = "import transformers_nemotron3 as t; print(t.cpu_kernels_enabled())"
+    env = {**__import__("os").environ, "NEMOTRON3_CPU_KERNELS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "True"

@@ -14,6 +14,10 @@ On CPU it also measures the memory floor of decode: the bytes of weights one ste
 (`decode_weight_bytes`) over the streaming bandwidth of matrix-vector products on this machine
 (`stream_bandwidth`), and so the largest speed-up over native any fp32 implementation could reach.
 
+On CPU "ours" runs with the package's CPU decode kernels (`enable_cpu_kernels`, built on first use)
+when they build here, and the same model is also measured with them off ("ours, PyTorch paths"),
+interleaved with the other two; ``--cpu-kernels off`` measures only the PyTorch paths.
+
 The native model runs with its fastest experts implementation, chosen by a short measurement among
 ``eager``, ``grouped_mm`` and ``batched_mm`` (or fixed with ``--native-experts``).
 
@@ -172,18 +176,25 @@ def decode_weight_bytes(model, batch: int) -> float:
 
 def stream_bandwidth(threads: int, megabytes: int = 768) -> float:
     """GB/s of matrix-vector products streaming ``megabytes`` of fp32 weights from memory (this machine's
-    ceiling for batch-1 decode, where every weight is read once per token)."""
+    ceiling for batch-1 decode, where every weight is read once per token): the faster of MKL's GEMV and,
+    when enabled, the package's few-row kernel."""
+    from transformers_nemotron3.modeling import fast_ops
+
     torch.set_num_threads(threads)
     mats = [torch.randn(4096, 1024) for _ in range(megabytes // 16)]
     x = torch.randn(1, 1024)
-    for m in mats:  # touch once
-        torch.nn.functional.linear(x, m)
+    products = [torch.nn.functional.linear]
+    if fast_ops.ops is not None:
+        products.append(lambda a, w: fast_ops.ops.small_linear(a, w, None))
     best = 0.0
-    for _ in range(3):
-        t = time.perf_counter()
-        for m in mats:
-            torch.nn.functional.linear(x, m)
-        best = max(best, len(mats) * mats[0].numel() * 4 / (time.perf_counter() - t) / 1e9)
+    for product in products:
+        for m in mats:  # touch once
+            product(x, m)
+        for _ in range(3):
+            t = time.perf_counter()
+            for m in mats:
+                product(x, m)
+            best = max(best, len(mats) * mats[0].numel() * 4 / (time.perf_counter() - t) / 1e9)
     return best
 
 
@@ -207,26 +218,48 @@ def run(args) -> dict:
     impl = args.native_experts or pick_native_experts(native, vocab, device)
     native.set_experts_implementation(impl)
     print(f"  native experts implementation: {impl}")
-    models = {"ours": ours, "native": native}
+    from transformers_nemotron3 import enable_cpu_kernels
+
+    kernels = device == "cpu" and args.cpu_kernels == "on" and enable_cpu_kernels()
+    print(f"  CPU decode kernels: {'on (ours), off (ours_pytorch)' if kernels else 'off'}")
+    # name -> (model, CPU kernels on while it runs)
+    models = {"ours": (ours, kernels), "native": (native, False)}
+    if kernels:
+        models["ours_pytorch"] = (ours, False)
     g = torch.Generator().manual_seed(args.seed)
     results: dict = {"config": args.config, "params_M": round(n_params / 1e6, 1), "device": device,
-                     "dtype": args.dtype, "threads": args.threads, "native_experts": impl, "rows": {}}
+                     "dtype": args.dtype, "threads": args.threads, "native_experts": impl, "cpu_kernels": kernels,
+                     "rows": {}}
+
+    def call(name: str, fn):
+        model, on = models[name]
+        if kernels:
+            enable_cpu_kernels(on)
+        try:
+            return fn(model)
+        finally:
+            if kernels:
+                enable_cpu_kernels(True)
 
     def measure(label: str, fn, work: float) -> None:
-        times = {"ours": [], "native": []}
+        times = {name: [] for name in models}
         for _ in range(args.warmup):
             for name in models:
-                fn(models[name])
+                call(name, fn)
+        names = list(models)
         for r in range(args.repeats):
-            order = ("ours", "native") if r % 2 == 0 else ("native", "ours")
-            for name in order:
-                times[name].append(fn(models[name]))
+            for name in (names if r % 2 == 0 else names[::-1]):
+                times[name].append(call(name, fn))
         row = {name: work / statistics.median(ts) for name, ts in times.items()}
         row["ratio"] = row["ours"] / row["native"]
+        extra = ""
+        if "ours_pytorch" in row:
+            row["ratio_pytorch"] = row["ours_pytorch"] / row["native"]
+            extra = f"   (PyTorch paths {row['ours_pytorch']:9.1f} tok/s, {row['ratio_pytorch']:.2f}x)"
         row["raw_s"] = times
         results["rows"][label] = row
         print(f"  {label:<22} ours {row['ours']:9.1f} tok/s   native {row['native']:9.1f} tok/s   "
-              f"ratio {row['ratio']:.2f}x", flush=True)
+              f"ratio {row['ratio']:.2f}x{extra}", flush=True)
 
     for length in [] if args.memory_only else args.prefill:
         ids = torch.randint(3, vocab, (1, length), generator=g).to(device)
@@ -261,7 +294,7 @@ def run(args) -> dict:
             time_prefill(m, ids_p, device)
             time_generate(m, ids_d, min(args.new_tokens, 16), device)
 
-        mem = {name: peak_memory(models[name], workload, device) for name in models}
+        mem = {name: call(name, lambda m: peak_memory(m, workload, device)) for name in ("ours", "native")}
         mem["ratio"] = mem["ours"] / mem["native"] if mem["native"] else float("nan")
         results["peak_memory_MiB"] = mem
         print(f"  peak memory MiB       ours {mem['ours']:9.1f}         native {mem['native']:9.1f}         "
@@ -270,11 +303,18 @@ def run(args) -> dict:
 
 
 def table(results: dict) -> str:
+    both = results.get("cpu_kernels", False)
     lines = [f"config `{results['config']}` ({results['params_M']}M params, {results['device']}, {results['dtype']}, "
-             f"{results['threads']} threads, native experts `{results['native_experts']}`)", "",
-             "| measure | ours | native | ours/native |", "|---|---|---|---|"]
+             f"{results['threads']} threads, native experts `{results['native_experts']}`, CPU kernels "
+             f"{'on' if both else 'off'})", ""]
+    if both:
+        lines += ["| measure | ours | native | ours/native | ours, PyTorch paths | PyTorch paths/native |",
+                  "|---|---|---|---|---|---|"]
+    else:
+        lines += ["| measure | ours | native | ours/native |", "|---|---|---|---|"]
     for label, row in results["rows"].items():
-        lines.append(f"| {label} tok/s | {row['ours']:.1f} | {row['native']:.1f} | {row['ratio']:.2f}x |")
+        extra = f" {row['ours_pytorch']:.1f} | {row['ratio_pytorch']:.2f}x |" if both else ""
+        lines.append(f"| {label} tok/s | {row['ours']:.1f} | {row['native']:.1f} | {row['ratio']:.2f}x |{extra}")
     for label, f in results.get("decode_floor", {}).items():
         lines.append(f"| {label} bandwidth floor ms/step | {f['ours_ms']:.2f} (floor {f['floor_ms']:.2f}) | "
                      f"{f['native_ms']:.2f} | at most {f['max_ratio']:.2f}x possible |")
@@ -299,6 +339,8 @@ def main(argv=None) -> None:
     p.add_argument("--prompt", type=int, default=32, help="prompt length for the decode measurements")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--native-experts", default=None, help="eager | grouped_mm | batched_mm (default: fastest)")
+    p.add_argument("--cpu-kernels", choices=["on", "off"], default="on",
+                   help="on: ours with the CPU decode kernels, plus its PyTorch paths as a third column")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-floor", action="store_true", help="skip the memory-bandwidth floor of decode (CPU)")
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory workload")

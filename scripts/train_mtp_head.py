@@ -59,6 +59,8 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpu-kernels", action="store_true",
+                   help="decode with the CPU decode kernels (enable_cpu_kernels) after training")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -92,6 +94,10 @@ def main(argv=None) -> None:
             print(f"  step {step:4d}  lm loss {row['lm_loss']:.3f}  mtp loss {row['mtp_loss']:.3f}  "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
     model.eval()
+    if args.cpu_kernels:
+        from transformers_nemotron3 import enable_cpu_kernels
+
+        print(f"  CPU decode kernels: {'on' if enable_cpu_kernels() else 'unavailable'}")
 
     prompts = [corpus(1, 16, vocab, 0.0, perm, gen) for _ in range(args.prompts)]
     results = {"train": log, "train_seconds": time.perf_counter() - t0, "acceptance": {}, "decode": {}}

@@ -3,6 +3,8 @@
 Importing the package registers ``model_type="nemotron3"`` with transformers' Auto classes.
 """
 
+import os as _os
+
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .modeling import (
@@ -20,6 +22,9 @@ __version__ = "0.1.0"
 AutoConfig.register("nemotron3", Nemotron3Config, exist_ok=True)
 AutoModel.register(Nemotron3Config, Nemotron3Model, exist_ok=True)
 AutoModelForCausalLM.register(Nemotron3Config, Nemotron3ForCausalLM, exist_ok=True)
+
+if _os.environ.get("NEMOTRON3_CPU_KERNELS", "").strip().lower() in ("1", "true", "on", "yes"):
+    enable_cpu_kernels()  # opt-in for scripts that cannot call it (e.g. under `accelerate launch`)
 
 __all__ = [
     "Nemotron3Config",

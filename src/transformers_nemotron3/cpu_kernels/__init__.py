@@ -16,6 +16,7 @@ They run only without autograd, on CPU, in float32, with no plugin in the way (L
 NVFP4 linears, expert-parallel dispatchers and quantized expert GEMMs keep their own paths).
 Results equal the PyTorch paths up to fp32 summation order (``modeling_tests/test_cpu_kernels.py``).
 Checkpoints are unaffected: the kernels touch no parameter and no state-dict key.
+Setting ``NEMOTRON3_CPU_KERNELS=1`` in the environment switches them on when the package is imported.
 """
 
 from __future__ import annotations

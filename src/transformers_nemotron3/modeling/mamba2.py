@@ -212,6 +212,9 @@ class Nemotron3Mamba2Mixer(nn.Module):
                 return self.out_proj(fused.view(b, 1, -1).to(dtype))
             y = self._decode_step(z, xbc, dt, A, state)
         elif state is not None and state.has_previous and state.history is not None:
+            fused = self._recorded_fused_steps(zxbcdt, A, state)  # CPU kernel, when enabled and applicable
+            if fused is not None:
+                return self.out_proj(fused.to(dtype))
             y = self._recorded_steps(z, xbc, dt, A, state)
         else:
             y = self._scan(z, xbc, dt, A, state, padding_mask, seq_idx)
@@ -262,6 +265,17 @@ class Nemotron3Mamba2Mixer(nn.Module):
         ys = []
         for t in range(xbc.shape[1]):
             ys.append(self._decode_step(z[:, t : t + 1], xbc[:, t : t + 1], dt[:, t : t + 1], A, state))
+            state.history.append((state.conv.clone(), state.ssm.clone()))
+        return torch.cat(ys, dim=1)
+
+    def _recorded_fused_steps(self, zxbcdt, A, state) -> torch.Tensor | None:
+        """`_recorded_steps` through the fused CPU kernel (gated and normed output), or None when it does not apply."""
+        ys = []
+        for t in range(zxbcdt.shape[1]):
+            y = fused_mamba_step(self, zxbcdt[:, t : t + 1], A, state)
+            if y is None:  # the conditions do not change between tokens: only the first can refuse
+                return None
+            ys.append(y.unsqueeze(1))
             state.history.append((state.conv.clone(), state.ssm.clone()))
         return torch.cat(ys, dim=1)
 
