@@ -75,6 +75,22 @@ def test_small_linear_equals_f_linear(kernels, rows, in_f, out_f, bias):
     torch.testing.assert_close(kernels.small_linear(x3, w, b), F.linear(x3, w, b), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 8, 11])
+@pytest.mark.parametrize("in_f,out_f,bias", [(64, 48, False), (100, 37, True)])
+def test_small_linear_bf16_equals_f_linear(kernels, rows, in_f, out_f, bias):
+    """bf16 weights and inputs, fp32 accumulation, output rounded to bf16: as PyTorch's bf16 linear."""
+    gen = torch.Generator().manual_seed(rows + 100)
+    x = torch.randn(rows, in_f, generator=gen).bfloat16()
+    w = torch.randn(out_f, in_f, generator=gen).bfloat16()
+    b = torch.randn(out_f, generator=gen).bfloat16() if bias else None
+    got = kernels.small_linear(x, w, b)
+    assert got.dtype == torch.bfloat16
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    # our only rounding is the final one to bf16 (fp32 sums of exact products are far finer)
+    torch.testing.assert_close(got.double(), exact, atol=1e-2, rtol=8e-3)
+    torch.testing.assert_close(got, F.linear(x, w, b), atol=3e-2, rtol=1.6e-2)  # both round once to bf16
+
+
 def test_linear_module_uses_kernel_only_where_it_applies(kernels):
     lin = fast_ops.Nemotron3Linear(32, 24)
     x = torch.randn(3, 32)
@@ -87,7 +103,7 @@ def test_linear_module_uses_kernel_only_where_it_applies(kernels):
     assert out.grad_fn is not None and calls == ["small_linear"]
     with torch.no_grad():
         lin(torch.randn(fast_ops.MAX_ROWS + 1, 32))  # too many rows: MKL
-        lin.to(torch.bfloat16)(torch.randn(2, 32, dtype=torch.bfloat16))  # other dtype
+        lin.to(torch.float16)(torch.randn(2, 32, dtype=torch.float16))  # a dtype the kernel does not take
     assert calls == ["small_linear"]
 
 
@@ -114,6 +130,22 @@ def test_moe_kernel_equals_dispatcher_path(kernels, name, tokens, monkeypatch):
         monkeypatch.setattr(moe_module, "FEW_ROUTES_MAX", 0)  # the sort / grouped GEMM / combine path
         ref = layer(x)
     torch.testing.assert_close(fused, ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_moe_kernel_bf16_equals_dispatcher_path(kernels, tokens, monkeypatch):
+    from transformers_nemotron3.modeling import moe as moe_module
+
+    layer = _moe_layer("all_blocks").to(torch.bfloat16)
+    x = torch.randn(tokens, 1, layer.config.hidden_size).bfloat16()
+    with torch.no_grad():
+        fused = layer(x)
+        assert "moe_relu2" in kernels.calls
+        cpu_kernels.enable_cpu_kernels(False)
+        monkeypatch.setattr(moe_module, "FEW_ROUTES_MAX", 0)
+        ref = layer(x)
+    assert fused.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_moe_kernel_skips_gated_experts_autograd_and_plugins(kernels):
@@ -166,10 +198,12 @@ def test_mamba_kernel_step_equals_pytorch_step(kernels, overrides, batch):
 
 @pytest.mark.parametrize("name", ["all_blocks", "latent_groups_mtp"])
 @pytest.mark.parametrize("batch", [1, 4])
-def test_cached_decode_with_kernels_equals_without(kernels, name, batch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_decode_with_kernels_equals_without(kernels, name, batch, dtype):
     torch.manual_seed(9)
     model = Nemotron3ForCausalLM(tiny_config(name)).eval()
     _randomize(model, std=0.08, seed=10)
+    model.to(dtype)
     ids = torch.randint(3, 96, (batch, 16))
     kernels.calls.clear()
     logits = []
@@ -184,9 +218,14 @@ def test_cached_decode_with_kernels_equals_without(kernels, name, batch):
         greedy_on = model.generate(ids[:, :10], max_new_tokens=8, do_sample=False)
         cpu_kernels.enable_cpu_kernels(False)
         greedy_off = model.generate(ids[:, :10], max_new_tokens=8, do_sample=False)
-    assert {"small_linear", "moe_relu2", "mamba_step"} <= set(kernels.calls)
-    torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
-    assert torch.equal(greedy_on, greedy_off)
+    if dtype == torch.float32:
+        assert {"small_linear", "moe_relu2", "mamba_step"} <= set(kernels.calls)
+        torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
+        assert torch.equal(greedy_on, greedy_off)
+    else:  # bf16: the GEMMs run in the kernels, the Mamba step (bf16 conv state) stays on PyTorch
+        assert {"small_linear", "moe_relu2"} <= set(kernels.calls) and "mamba_step" not in kernels.calls
+        torch.testing.assert_close(logits[0], logits[1], atol=3e-2, rtol=3e-2)
+        assert greedy_on.shape == greedy_off.shape  # tokens may differ where bf16 roundings tie
 
 
 def test_enable_reports_failure_and_keeps_pytorch_paths(monkeypatch, caplog):

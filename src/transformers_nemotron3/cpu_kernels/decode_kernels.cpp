@@ -26,20 +26,39 @@ namespace {
 constexpr int kRowGroup = 8;  // input rows that share one pass over a weight row pair
 // Software prefetch distance: 16 KB ahead of the rows being read (measured on a 2-core Xeon VM: 2 KB
 // ahead left batch-1 decode ~15 % slower, 32 KB ahead was no better than 16 KB).
-constexpr int64_t kPrefetchFloats = 4096;
+constexpr int64_t kPrefetchBytes = 16384;
+
+using bf16 = c10::BFloat16;
+
+// What a product of bf16 weights hands on: the value rounded to bf16, as PyTorch's bf16 GEMM output is.
+inline float round_like(float v, const float*) { return v; }
+inline float round_like(float v, const bf16*) { return static_cast<float>(bf16(v)); }
 
 #if defined(__AVX512F__)
+// 16 weights as fp32 (bf16 widened exactly: its bits are the top half of an fp32)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16_tail(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16_tail(__mmask16 m, const bf16* p) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 // y[m * ldy + o] = epilogue(sum_i x[m * ldx + i] * W[o * I + i] + bias[o]) for o in [o0, o1), m < M.
-// Two weight rows per pass, M accumulators each (2M <= 16 zmm registers); rows 16 KB ahead are prefetched.
-template <int M, bool RELU2>
-void rows_kernel(const float* x, int64_t ldx, const float* W, int64_t I, int64_t o0, int64_t o1, float* y,
+// x and y are fp32, W fp32 or bf16 (accumulated in fp32). Two weight rows per pass, M accumulators each
+// (2M <= 16 zmm registers); the weights 16 KB ahead are prefetched.
+template <int M, bool RELU2, typename WT>
+void rows_kernel(const float* x, int64_t ldx, const WT* W, int64_t I, int64_t o0, int64_t o1, float* y,
                  int64_t ldy, const float* bias) {
   const int64_t full = I / 16 * 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (I - full)) - 1u);
-  const int64_t ahead = std::max<int64_t>(2 * I, kPrefetchFloats);
+  const int64_t ahead = std::max<int64_t>(2 * I, kPrefetchBytes / static_cast<int64_t>(sizeof(WT)));
   auto finish = [&](float v, int64_t o) {
-    v += bias ? bias[o] : 0.f;
-    if (RELU2) v = v > 0.f ? v * v : 0.f;
+    v = round_like(v + (bias ? bias[o] : 0.f), W);
+    if (RELU2) v = v > 0.f ? round_like(v * v, W) : 0.f;
     return v;
   };
   int64_t o = o0;
@@ -47,12 +66,12 @@ void rows_kernel(const float* x, int64_t ldx, const float* W, int64_t I, int64_t
     __m512 a0[M], a1[M];
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) { a0[m] = _mm512_setzero_ps(); a1[m] = _mm512_setzero_ps(); }
-    const float* w0 = W + o * I;
-    const float* w1 = w0 + I;
+    const WT* w0 = W + o * I;
+    const WT* w1 = w0 + I;
     for (int64_t i = 0; i < full; i += 16) {
       _mm_prefetch(reinterpret_cast<const char*>(w0 + ahead + i), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(w1 + ahead + i), _MM_HINT_T0);
-      const __m512 v0 = _mm512_loadu_ps(w0 + i), v1 = _mm512_loadu_ps(w1 + i);
+      const __m512 v0 = load16(w0 + i), v1 = load16(w1 + i);
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
         const __m512 xv = _mm512_loadu_ps(x + m * ldx + i);
@@ -61,7 +80,7 @@ void rows_kernel(const float* x, int64_t ldx, const float* W, int64_t I, int64_t
       }
     }
     if (tail) {
-      const __m512 v0 = _mm512_maskz_loadu_ps(tail, w0 + full), v1 = _mm512_maskz_loadu_ps(tail, w1 + full);
+      const __m512 v0 = load16_tail(tail, w0 + full), v1 = load16_tail(tail, w1 + full);
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
         const __m512 xv = _mm512_maskz_loadu_ps(tail, x + m * ldx + full);
@@ -79,14 +98,14 @@ void rows_kernel(const float* x, int64_t ldx, const float* W, int64_t I, int64_t
     __m512 a0[M];
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) a0[m] = _mm512_setzero_ps();
-    const float* w0 = W + o * I;
+    const WT* w0 = W + o * I;
     for (int64_t i = 0; i < full; i += 16) {
-      const __m512 v0 = _mm512_loadu_ps(w0 + i);
+      const __m512 v0 = load16(w0 + i);
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) a0[m] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x + m * ldx + i), a0[m]);
     }
     if (tail) {
-      const __m512 v0 = _mm512_maskz_loadu_ps(tail, w0 + full);
+      const __m512 v0 = load16_tail(tail, w0 + full);
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) a0[m] = _mm512_fmadd_ps(v0, _mm512_maskz_loadu_ps(tail, x + m * ldx + full), a0[m]);
     }
@@ -96,51 +115,54 @@ void rows_kernel(const float* x, int64_t ldx, const float* W, int64_t I, int64_t
 }
 #else
 // Portable version (no AVX-512 at build time): the Python side does not enable the GEMM paths then.
-template <int M, bool RELU2>
-void rows_kernel(const float* x, int64_t ldx, const float* W, int64_t I, int64_t o0, int64_t o1, float* y,
+template <int M, bool RELU2, typename WT>
+void rows_kernel(const float* x, int64_t ldx, const WT* W, int64_t I, int64_t o0, int64_t o1, float* y,
                  int64_t ldy, const float* bias) {
   for (int64_t o = o0; o < o1; ++o) {
     for (int m = 0; m < M; ++m) {
       float acc = 0.f;
-      for (int64_t i = 0; i < I; ++i) acc += x[m * ldx + i] * W[o * I + i];
-      acc += bias ? bias[o] : 0.f;
-      if (RELU2) acc = acc > 0.f ? acc * acc : 0.f;
+      for (int64_t i = 0; i < I; ++i) acc += x[m * ldx + i] * static_cast<float>(W[o * I + i]);
+      acc = round_like(acc + (bias ? bias[o] : 0.f), W);
+      if (RELU2) acc = acc > 0.f ? round_like(acc * acc, W) : 0.f;
       y[m * ldy + o] = acc;
     }
   }
 }
 #endif
 
-using RowsFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t,
-                        const float*);
-
-template <bool RELU2>
-RowsFn rows_for(int m) {
+template <bool RELU2, typename WT>
+auto rows_for(int m) {
   switch (m) {
-    case 1: return rows_kernel<1, RELU2>;
-    case 2: return rows_kernel<2, RELU2>;
-    case 3: return rows_kernel<3, RELU2>;
-    case 4: return rows_kernel<4, RELU2>;
-    case 5: return rows_kernel<5, RELU2>;
-    case 6: return rows_kernel<6, RELU2>;
-    case 7: return rows_kernel<7, RELU2>;
-    default: return rows_kernel<8, RELU2>;
+    case 1: return rows_kernel<1, RELU2, WT>;
+    case 2: return rows_kernel<2, RELU2, WT>;
+    case 3: return rows_kernel<3, RELU2, WT>;
+    case 4: return rows_kernel<4, RELU2, WT>;
+    case 5: return rows_kernel<5, RELU2, WT>;
+    case 6: return rows_kernel<6, RELU2, WT>;
+    case 7: return rows_kernel<7, RELU2, WT>;
+    default: return rows_kernel<8, RELU2, WT>;
   }
 }
 
 // Rows [o0, o1) of y = x W^T (+ b) for any M: weight row pairs outermost so each pair serves every group
 // of 8 input rows while it is in L1 (blocks of 16 rows keep the prefetch running ahead).
-template <bool RELU2>
-void rows_any_m(const float* x, int64_t ldx, int64_t M, const float* W, int64_t I, int64_t o0, int64_t o1,
+template <bool RELU2, typename WT>
+void rows_any_m(const float* x, int64_t ldx, int64_t M, const WT* W, int64_t I, int64_t o0, int64_t o1,
                 float* y, int64_t ldy, const float* bias) {
   constexpr int64_t kBlock = 16;
   for (int64_t b0 = o0; b0 < o1; b0 += kBlock) {
     const int64_t b1 = std::min(o1, b0 + kBlock);
     for (int64_t m0 = 0; m0 < M; m0 += kRowGroup) {
       const int mm = static_cast<int>(std::min<int64_t>(kRowGroup, M - m0));
-      rows_for<RELU2>(mm)(x + m0 * ldx, ldx, W, I, b0, b1, y + m0 * ldy, ldy, bias);
+      rows_for<RELU2, WT>(mm)(x + m0 * ldx, ldx, W, I, b0, b1, y + m0 * ldy, ldy, bias);
     }
   }
+}
+
+void check_weight(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
+              "nemotron3_cpu: ", name, " must be a float32 or bfloat16 CPU tensor, got ", t.scalar_type(), " on ",
+              t.device());
 }
 
 void check_f32(const at::Tensor& t, const char* name) {
@@ -152,39 +174,61 @@ constexpr int64_t kGrain = 16;  // fewer output rows than this run on one thread
 
 }  // namespace
 
-// y = x W^T + b over the last dim of x; x [..., I], W [O, I] contiguous, b [O] or None.
+// y = x W^T + b over the last dim of x; x [..., I], W [O, I] contiguous, b [O] or None. float32, or bfloat16
+// (x, W and b bf16, products accumulated in fp32, y rounded to bf16 as PyTorch's bf16 GEMM does).
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  check_f32(x, "x");
-  check_f32(weight, "weight");
+  check_weight(weight, "weight");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "nemotron3_cpu.small_linear: x is ", x.scalar_type(),
+              ", weight ", weight.scalar_type());
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "nemotron3_cpu.small_linear: weight must be 2-D contiguous");
   const int64_t I = weight.size(1), O = weight.size(0);
   TORCH_CHECK(x.size(-1) == I, "nemotron3_cpu.small_linear: x has ", x.size(-1), " features, weight expects ", I);
-  const at::Tensor x2 = x.reshape({-1, I}).contiguous();
+  const at::Tensor x2 = x.reshape({-1, I}).to(at::kFloat).contiguous();
   const int64_t M = x2.size(0);
   const float* bp = nullptr;
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
-    b = bias->contiguous();
-    check_f32(b, "bias");
+    b = bias->to(at::kFloat).contiguous();
     bp = b.data_ptr<float>();
   }
   auto sizes = x.sizes().vec();
   sizes.back() = O;
-  at::Tensor y = at::empty({M, O}, x.options());
+  at::Tensor y = at::empty({M, O}, x2.options());
   const float* xp = x2.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
-    rows_any_m<false>(xp, I, M, wp, I, o0, o1, yp, O, bp);
-  });
+  if (weight.scalar_type() == at::kBFloat16) {
+    const bf16* wp = weight.data_ptr<bf16>();
+    at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) { rows_any_m<false>(xp, I, M, wp, I, o0, o1, yp, O, bp); });
+    return y.to(at::kBFloat16).view(sizes);
+  }
+  const float* wp = weight.data_ptr<float>();
+  at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) { rows_any_m<false>(xp, I, M, wp, I, o0, o1, yp, O, bp); });
   return y.view(sizes);
 }
 
+template <typename WT>
+void moe_relu2_impl(const at::Tensor& x, const at::Tensor& up, const at::Tensor& down, const at::Tensor& topk_idx,
+                    const at::Tensor& weights, at::Tensor& acc);
+
 // acc[t] += sum_j weights[t, j] * down[e] relu2(up[e] x[t]) with e = topk_idx[t, j] (non-gated relu^2 experts).
-// x [T, H], up [E, F, H], down [E, H, F], topk_idx [T, k] int64, weights [T, k] fp32, acc [T, H] fp32.
+// x [T, H], up [E, F, H], down [E, H, F] (float32, or bfloat16 with x bf16: the hidden activation is rounded
+// to bf16 as in PyTorch), topk_idx [T, k] int64, weights [T, k] fp32, acc [T, H] fp32.
 at::Tensor moe_relu2(const at::Tensor& x, const at::Tensor& up, const at::Tensor& down, const at::Tensor& topk_idx,
                      const at::Tensor& weights, at::Tensor acc) {
-  for (const at::Tensor* p : std::initializer_list<const at::Tensor*>{&x, &up, &down, &weights, &acc}) check_f32(*p, "argument");
+  check_weight(up, "up");
+  TORCH_CHECK(down.scalar_type() == up.scalar_type() && x.scalar_type() == up.scalar_type(),
+              "nemotron3_cpu.moe_relu2: x, up and down must share a dtype");
+  for (const at::Tensor* p : std::initializer_list<const at::Tensor*>{&weights, &acc}) check_f32(*p, "weights/acc");
+  if (up.scalar_type() == at::kBFloat16)
+    moe_relu2_impl<bf16>(x, up, down, topk_idx, weights, acc);
+  else
+    moe_relu2_impl<float>(x, up, down, topk_idx, weights, acc);
+  return acc;
+}
+
+template <typename WT>
+void moe_relu2_impl(const at::Tensor& x, const at::Tensor& up, const at::Tensor& down, const at::Tensor& topk_idx,
+                    const at::Tensor& weights, at::Tensor& acc) {
   TORCH_CHECK(up.is_contiguous() && down.is_contiguous() && acc.is_contiguous(),
               "nemotron3_cpu.moe_relu2: expert weights and acc must be contiguous");
   TORCH_CHECK(topk_idx.scalar_type() == at::kLong, "nemotron3_cpu.moe_relu2: topk_idx must be int64");
@@ -192,7 +236,7 @@ at::Tensor moe_relu2(const at::Tensor& x, const at::Tensor& up, const at::Tensor
   TORCH_CHECK(up.size(2) == H && down.size(0) == E && down.size(1) == H && down.size(2) == F &&
                   acc.size(0) == T && acc.size(1) == H && weights.size(0) == T && weights.size(1) == k,
               "nemotron3_cpu.moe_relu2: shapes do not match");
-  const at::Tensor xc = x.contiguous();
+  const at::Tensor xc = x.to(at::kFloat).contiguous();
   const at::Tensor idx = topk_idx.contiguous();
   const at::Tensor wts = weights.contiguous();
   const int64_t* ip = idx.data_ptr<int64_t>();
@@ -219,16 +263,16 @@ at::Tensor moe_relu2(const at::Tensor& x, const at::Tensor& up, const at::Tensor
     if (count[e]) used.push_back(e);
   const int64_t U = static_cast<int64_t>(used.size());
 
-  at::Tensor xg = at::empty({R, H}, x.options());  // token rows in expert order
-  at::Tensor hg = at::empty({R, F}, x.options());  // relu2(up x) per route
-  at::Tensor og = at::empty({R, H}, x.options());  // down h per route (before weighting)
+  at::Tensor xg = at::empty({R, H}, xc.options());  // token rows in expert order
+  at::Tensor hg = at::empty({R, F}, xc.options());  // relu2(up x) per route
+  at::Tensor og = at::empty({R, H}, xc.options());  // down h per route (before weighting)
   const float* xp = xc.data_ptr<float>();
   float* xgp = xg.data_ptr<float>();
   float* hgp = hg.data_ptr<float>();
   float* ogp = og.data_ptr<float>();
   for (int64_t r = 0; r < R; ++r) std::copy(xp + token[r] * H, xp + (token[r] + 1) * H, xgp + r * H);
-  const float* upp = up.data_ptr<float>();
-  const float* dnp = down.data_ptr<float>();
+  const WT* upp = up.data_ptr<WT>();
+  const WT* dnp = down.data_ptr<WT>();
   float* accp = acc.data_ptr<float>();
 
   // up + relu2: rows of all used experts laid end to end, split across threads
@@ -252,7 +296,6 @@ at::Tensor moe_relu2(const at::Tensor& x, const at::Tensor& up, const at::Tensor
       for (int64_t o = o0; o < o1; ++o) dst[o] += s * src[o];
     }
   });
-  return acc;
 }
 
 // One Mamba-2 decode step after in_proj. zxbcdt [b, d_inner + conv_dim + h] (z | x B C | dt);

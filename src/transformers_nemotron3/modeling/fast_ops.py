@@ -1,4 +1,4 @@
-"""Seam for optional fused CPU kernels on decode steps (few tokens, no autograd, float32).
+"""Seam for optional fused CPU kernels on decode steps (few tokens, no autograd; float32, GEMMs also bfloat16).
 
 ``ops`` is None unless the package's ``enable_cpu_kernels()`` plugged the compiled kernels
 in; every helper here then returns None (or runs ``F.linear``) so the model's PyTorch paths run.
@@ -16,10 +16,13 @@ MAX_ROWS = 16  # small_linear: at most this many input rows (beyond, MKL's GEMM 
 MAX_MOE_TOKENS = 32  # moe_relu2: at most this many tokens
 
 
-def plain(*tensors: torch.Tensor) -> bool:
-    """CPU float32 tensors and no autograd graph to build."""
+_GEMM_DTYPES = (torch.float32, torch.bfloat16)  # weights the few-row GEMMs stream (fp32 accumulation)
+
+
+def plain(*tensors: torch.Tensor, dtypes: tuple = (torch.float32,)) -> bool:
+    """CPU tensors of one of ``dtypes`` and no autograd graph to build."""
     for t in tensors:
-        if t.device.type != "cpu" or t.dtype != torch.float32:
+        if t.device.type != "cpu" or t.dtype not in dtypes:
             return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
@@ -27,7 +30,7 @@ def plain(*tensors: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, through the few-row CPU kernel when enabled and applicable."""
     if (ops is not None and x.numel() <= MAX_ROWS * weight.shape[-1] and weight.is_contiguous()
-            and plain(x, weight)):
+            and x.dtype == weight.dtype and plain(x, weight, dtypes=_GEMM_DTYPES)):
         return ops.small_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -62,7 +65,8 @@ def fused_mamba_step(mixer, zxbcdt: torch.Tensor, A: torch.Tensor, state) -> tor
 def fused_moe_relu2_applies(experts, x: torch.Tensor) -> bool:
     """Whether `fused_moe_relu2` can run these routed experts on these tokens."""
     return (ops is not None and experts.gate_proj is None and getattr(experts.act, "__name__", "") == "_relu2"
-            and x.shape[0] <= MAX_MOE_TOKENS and plain(x, experts.up_proj, experts.down_proj))
+            and x.shape[0] <= MAX_MOE_TOKENS and x.dtype == experts.up_proj.dtype == experts.down_proj.dtype
+            and plain(x, experts.up_proj, experts.down_proj, dtypes=_GEMM_DTYPES))
 
 
 def fused_moe_relu2(experts, x: torch.Tensor, weights: torch.Tensor, topk_idx: torch.Tensor,
