@@ -12,7 +12,8 @@ several repeats (medians), we measure:
 
 On CPU it also measures the memory floor of decode: the bytes of weights one step must read
 (`decode_weight_bytes`) over the streaming bandwidth of matrix-vector products on this machine
-(`stream_bandwidth`), and so the largest speed-up over native any fp32 implementation could reach.
+(`stream_bandwidth`), and so the largest speed-up over native any implementation reading weights of
+that dtype could reach.
 
 On CPU "ours" runs with the package's CPU decode kernels (`enable_cpu_kernels`, built on first use)
 when they build here, and the same model is also measured with them off ("ours, PyTorch paths"),
@@ -284,7 +285,7 @@ def run(args) -> dict:
                                           "max_ratio": native_s / floor_s}
             print(f"  decode_b{batch} floor: {nbytes / 1e6:.0f} MB of weights per step at {bw:.1f} GB/s = "
                   f"{floor_s * 1e3:.2f} ms; native {native_s * 1e3:.2f} ms, ours {batch / row['ours'] * 1e3:.2f} ms: "
-                  f"no implementation reading fp32 weights can beat native by more than {native_s / floor_s:.2f}x here")
+                  f"no implementation reading {args.dtype} weights can beat native by more than {native_s / floor_s:.2f}x here")
         results["decode_floor"] = floors
     if not args.no_memory:
         ids_p = torch.randint(3, vocab, (1, max(args.prefill or [512])), generator=g).to(device)

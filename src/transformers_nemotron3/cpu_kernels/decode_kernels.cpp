@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -144,20 +145,120 @@ auto rows_for(int m) {
   }
 }
 
-// Rows [o0, o1) of y = x W^T (+ b) for any M: weight row pairs outermost so each pair serves every group
-// of 8 input rows while it is in L1 (blocks of 16 rows keep the prefetch running ahead).
-template <bool RELU2, typename WT>
-void rows_any_m(const float* x, int64_t ldx, int64_t M, const WT* W, int64_t I, int64_t o0, int64_t o1,
-                float* y, int64_t ldy, const float* bias) {
+#if defined(__AVX512BF16__)
+#define NEMOTRON3_DPBF16 1
+// bf16 inputs and weights: `vdpbf16ps` multiplies pairs exactly and accumulates in fp32, 32 weights per
+// instruction (no widening of the weights, which made the bf16 path compute-bound). Same layout as rows_kernel.
+template <int M, bool RELU2>
+void rows_kernel_dp(const bf16* x, int64_t ldx, const bf16* W, int64_t I, int64_t o0, int64_t o1, float* y,
+                    int64_t ldy, const float* bias) {
+  const int64_t full = I / 32 * 32, rem = I - full;
+  const __mmask32 tail = rem ? static_cast<__mmask32>((1ull << rem) - 1ull) : 0;
+  const int64_t ahead = std::max<int64_t>(2 * I, kPrefetchBytes / 2);
+  const bf16* tag = nullptr;
+  auto finish = [&](float v, int64_t o) {
+    v = round_like(v + (bias ? bias[o] : 0.f), tag);
+    if (RELU2) v = v > 0.f ? round_like(v * v, tag) : 0.f;
+    return v;
+  };
+  auto ld = [](const bf16* p) { return (__m512bh)_mm512_loadu_si512(p); };
+  auto ldt = [tail](const bf16* p) { return (__m512bh)_mm512_maskz_loadu_epi16(tail, p); };
+  int64_t o = o0;
+  for (; o + 1 < o1; o += 2) {
+    __m512 a0[M], a1[M];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) { a0[m] = _mm512_setzero_ps(); a1[m] = _mm512_setzero_ps(); }
+    const bf16* w0 = W + o * I;
+    const bf16* w1 = w0 + I;
+    for (int64_t i = 0; i < full; i += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(w0 + ahead + i), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w1 + ahead + i), _MM_HINT_T0);
+      const __m512bh v0 = ld(w0 + i), v1 = ld(w1 + i);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const __m512bh xv = ld(x + m * ldx + i);
+        a0[m] = _mm512_dpbf16_ps(a0[m], v0, xv);
+        a1[m] = _mm512_dpbf16_ps(a1[m], v1, xv);
+      }
+    }
+    if (tail) {
+      const __m512bh v0 = ldt(w0 + full), v1 = ldt(w1 + full);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const __m512bh xv = ldt(x + m * ldx + full);
+        a0[m] = _mm512_dpbf16_ps(a0[m], v0, xv);
+        a1[m] = _mm512_dpbf16_ps(a1[m], v1, xv);
+      }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      y[m * ldy + o] = finish(_mm512_reduce_add_ps(a0[m]), o);
+      y[m * ldy + o + 1] = finish(_mm512_reduce_add_ps(a1[m]), o + 1);
+    }
+  }
+  if (o < o1) {
+    __m512 a0[M];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) a0[m] = _mm512_setzero_ps();
+    const bf16* w0 = W + o * I;
+    for (int64_t i = 0; i < full; i += 32) {
+      const __m512bh v0 = ld(w0 + i);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) a0[m] = _mm512_dpbf16_ps(a0[m], v0, ld(x + m * ldx + i));
+    }
+    if (tail) {
+      const __m512bh v0 = ldt(w0 + full);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) a0[m] = _mm512_dpbf16_ps(a0[m], v0, ldt(x + m * ldx + full));
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) y[m * ldy + o] = finish(_mm512_reduce_add_ps(a0[m]), o);
+  }
+}
+
+template <bool RELU2>
+auto rows_for_dp(int m) {
+  switch (m) {
+    case 1: return rows_kernel_dp<1, RELU2>;
+    case 2: return rows_kernel_dp<2, RELU2>;
+    case 3: return rows_kernel_dp<3, RELU2>;
+    case 4: return rows_kernel_dp<4, RELU2>;
+    case 5: return rows_kernel_dp<5, RELU2>;
+    case 6: return rows_kernel_dp<6, RELU2>;
+    case 7: return rows_kernel_dp<7, RELU2>;
+    default: return rows_kernel_dp<8, RELU2>;
+  }
+}
+#else
+#define NEMOTRON3_DPBF16 0
+#endif
+
+// Rows [o0, o1) of y = x W^T (+ b) for any M: float x with float or bf16 W (widened), or bf16 x with bf16 W
+// (dpbf16). Weight row pairs outermost so each pair serves every group of 8 input rows while it is in L1
+// (blocks of 16 rows keep the prefetch running ahead).
+template <bool RELU2, typename XT, typename WT>
+void rows_any(const XT* x, int64_t ldx, int64_t M, const WT* W, int64_t I, int64_t o0, int64_t o1, float* y,
+              int64_t ldy, const float* bias) {
   constexpr int64_t kBlock = 16;
   for (int64_t b0 = o0; b0 < o1; b0 += kBlock) {
     const int64_t b1 = std::min(o1, b0 + kBlock);
     for (int64_t m0 = 0; m0 < M; m0 += kRowGroup) {
       const int mm = static_cast<int>(std::min<int64_t>(kRowGroup, M - m0));
-      rows_for<RELU2, WT>(mm)(x + m0 * ldx, ldx, W, I, b0, b1, y + m0 * ldy, ldy, bias);
+#if NEMOTRON3_DPBF16
+      if constexpr (std::is_same<XT, bf16>::value) {
+        rows_for_dp<RELU2>(mm)(x + m0 * ldx, ldx, W, I, b0, b1, y + m0 * ldy, ldy, bias);
+        continue;
+      }
+#endif
+      if constexpr (std::is_same<XT, float>::value)
+        rows_for<RELU2, WT>(mm)(x + m0 * ldx, ldx, W, I, b0, b1, y + m0 * ldy, ldy, bias);
     }
   }
 }
+
+// The activation type the GEMMs read for weights of type WT: bf16 where dpbf16 exists, fp32 otherwise.
+template <typename WT>
+using act_t = typename std::conditional<std::is_same<WT, bf16>::value && NEMOTRON3_DPBF16, bf16, float>::type;
 
 void check_weight(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
@@ -183,7 +284,8 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const c10
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "nemotron3_cpu.small_linear: weight must be 2-D contiguous");
   const int64_t I = weight.size(1), O = weight.size(0);
   TORCH_CHECK(x.size(-1) == I, "nemotron3_cpu.small_linear: x has ", x.size(-1), " features, weight expects ", I);
-  const at::Tensor x2 = x.reshape({-1, I}).to(at::kFloat).contiguous();
+  const bool bf = weight.scalar_type() == at::kBFloat16;
+  const at::Tensor x2 = x.reshape({-1, I}).to(bf && NEMOTRON3_DPBF16 ? at::kBFloat16 : at::kFloat).contiguous();
   const int64_t M = x2.size(0);
   const float* bp = nullptr;
   at::Tensor b;
@@ -193,16 +295,18 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const c10
   }
   auto sizes = x.sizes().vec();
   sizes.back() = O;
-  at::Tensor y = at::empty({M, O}, x2.options());
-  const float* xp = x2.data_ptr<float>();
+  at::Tensor y = at::empty({M, O}, x2.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
-  if (weight.scalar_type() == at::kBFloat16) {
+  if (bf) {
+    using XT = act_t<bf16>;
+    const XT* xp = x2.data_ptr<XT>();
     const bf16* wp = weight.data_ptr<bf16>();
-    at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) { rows_any_m<false>(xp, I, M, wp, I, o0, o1, yp, O, bp); });
+    at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) { rows_any<false>(xp, I, M, wp, I, o0, o1, yp, O, bp); });
     return y.to(at::kBFloat16).view(sizes);
   }
+  const float* xp = x2.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
-  at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) { rows_any_m<false>(xp, I, M, wp, I, o0, o1, yp, O, bp); });
+  at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) { rows_any<false>(xp, I, M, wp, I, o0, o1, yp, O, bp); });
   return y.view(sizes);
 }
 
@@ -236,7 +340,9 @@ void moe_relu2_impl(const at::Tensor& x, const at::Tensor& up, const at::Tensor&
   TORCH_CHECK(up.size(2) == H && down.size(0) == E && down.size(1) == H && down.size(2) == F &&
                   acc.size(0) == T && acc.size(1) == H && weights.size(0) == T && weights.size(1) == k,
               "nemotron3_cpu.moe_relu2: shapes do not match");
-  const at::Tensor xc = x.to(at::kFloat).contiguous();
+  using XT = act_t<WT>;
+  const at::ScalarType xt = std::is_same<XT, bf16>::value ? at::kBFloat16 : at::kFloat;
+  const at::Tensor xc = x.to(xt).contiguous();
   const at::Tensor idx = topk_idx.contiguous();
   const at::Tensor wts = weights.contiguous();
   const int64_t* ip = idx.data_ptr<int64_t>();
@@ -263,12 +369,15 @@ void moe_relu2_impl(const at::Tensor& x, const at::Tensor& up, const at::Tensor&
     if (count[e]) used.push_back(e);
   const int64_t U = static_cast<int64_t>(used.size());
 
+  const auto f32 = xc.options().dtype(at::kFloat);
   at::Tensor xg = at::empty({R, H}, xc.options());  // token rows in expert order
-  at::Tensor hg = at::empty({R, F}, xc.options());  // relu2(up x) per route
-  at::Tensor og = at::empty({R, H}, xc.options());  // down h per route (before weighting)
-  const float* xp = xc.data_ptr<float>();
-  float* xgp = xg.data_ptr<float>();
+  at::Tensor hg = at::empty({R, F}, f32);           // relu2(up x) per route
+  at::Tensor hx = std::is_same<XT, float>::value ? hg : at::empty({R, F}, xc.options());  // as the down GEMM reads it
+  at::Tensor og = at::empty({R, H}, f32);           // down h per route (before weighting)
+  const XT* xp = xc.data_ptr<XT>();
+  XT* xgp = xg.data_ptr<XT>();
   float* hgp = hg.data_ptr<float>();
+  XT* hxp = hx.data_ptr<XT>();
   float* ogp = og.data_ptr<float>();
   for (int64_t r = 0; r < R; ++r) std::copy(xp + token[r] * H, xp + (token[r] + 1) * H, xgp + r * H);
   const WT* upp = up.data_ptr<WT>();
@@ -280,14 +389,18 @@ void moe_relu2_impl(const at::Tensor& x, const at::Tensor& up, const at::Tensor&
     for (int64_t u = a / F; u < U && u * F < b; ++u) {
       const int64_t e = used[u];
       const int64_t f0 = std::max(a, u * F) - u * F, f1 = std::min(b, (u + 1) * F) - u * F;
-      rows_any_m<true>(xgp + start[e] * H, H, count[e], upp + e * F * H, H, f0, f1, hgp + start[e] * F, F, nullptr);
+      rows_any<true>(xgp + start[e] * H, H, count[e], upp + e * F * H, H, f0, f1, hgp + start[e] * F, F, nullptr);
+      if constexpr (!std::is_same<XT, float>::value) {  // hand the (bf16-exact) activations on as bf16
+        for (int64_t r = start[e]; r < start[e] + count[e]; ++r)
+          for (int64_t f = f0; f < f1; ++f) hxp[r * F + f] = static_cast<XT>(hgp[r * F + f]);
+      }
     }
   });
   // down, then the weighted sum into acc: threads own output columns, so every thread visits every expert
   at::parallel_for(0, H, kGrain, [&](int64_t o0, int64_t o1) {
     for (int64_t u = 0; u < U; ++u) {
       const int64_t e = used[u];
-      rows_any_m<false>(hgp + start[e] * F, F, count[e], dnp + e * H * F, F, o0, o1, ogp + start[e] * H, H, nullptr);
+      rows_any<false>(hxp + start[e] * F, F, count[e], dnp + e * H * F, F, o0, o1, ogp + start[e] * H, H, nullptr);
     }
     for (int64_t r = 0; r < R; ++r) {
       float* dst = accp + token[r] * H;
@@ -299,64 +412,68 @@ void moe_relu2_impl(const at::Tensor& x, const at::Tensor& up, const at::Tensor&
 }
 
 // One Mamba-2 decode step after in_proj. zxbcdt [b, d_inner + conv_dim + h] (z | x B C | dt);
-// conv_state [b, conv_dim, K] and ssm [b, h, p, n] are updated in place; returns the gated, group-normed
-// y [b, d_inner] (input of out_proj). A = -exp(A_log) [h]; dt = clamp(softplus(dt + dt_bias), lo, hi).
-at::Tensor mamba_step(const at::Tensor& zxbcdt, at::Tensor conv_state, const at::Tensor& conv_w,
-                      const c10::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,
-                      const at::Tensor& D, at::Tensor ssm, const at::Tensor& norm_w, int64_t n_groups, double eps,
-                      double dt_lo, double dt_hi) {
-  for (const at::Tensor* p : std::initializer_list<const at::Tensor*>{&zxbcdt, &conv_state, &conv_w, &dt_bias, &A, &D, &ssm, &norm_w}) check_f32(*p, "argument");
-  TORCH_CHECK(conv_state.is_contiguous() && ssm.is_contiguous(), "nemotron3_cpu.mamba_step: states must be contiguous");
+// conv_state [b, conv_dim, K] and ssm [b, h, p, n] (fp32) are updated in place; returns the gated,
+// group-normed y [b, d_inner] (input of out_proj). A = -exp(A_log) [h]; dt = clamp(softplus(dt + dt_bias), lo, hi).
+// zxbcdt, conv_state and the result share a dtype, float32 or bfloat16; with bfloat16 the conv output, its
+// bias add and SiLU are rounded to bf16 as the PyTorch step does; everything after runs in fp32 there too.
+template <typename T>
+at::Tensor mamba_step_impl(const at::Tensor& zxbcdt, at::Tensor& conv_state, const at::Tensor& conv_w,
+                           const c10::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,
+                           const at::Tensor& D, at::Tensor& ssm, const at::Tensor& norm_w, int64_t n_groups, double eps,
+                           double dt_lo, double dt_hi) {
   const int64_t B = ssm.size(0), Hh = ssm.size(1), P = ssm.size(2), N = ssm.size(3);
   const int64_t d_inner = Hh * P, C = conv_state.size(1), K = conv_state.size(2), G = n_groups;
   TORCH_CHECK(C == d_inner + 2 * G * N && zxbcdt.size(-1) == d_inner + C + Hh && Hh % G == 0,
               "nemotron3_cpu.mamba_step: shapes do not match (conv_dim ", C, ", heads ", Hh, ", groups ", G, ")");
   const at::Tensor in = zxbcdt.reshape({B, -1}).contiguous();
-  const at::Tensor w = conv_w.reshape({C, K}).contiguous();
+  const at::Tensor w = conv_w.reshape({C, K}).to(at::kFloat).contiguous();
   at::Tensor cb;
   const float* cbp = nullptr;
   if (conv_b.has_value() && conv_b->defined()) {
-    cb = conv_b->contiguous();
+    cb = conv_b->to(at::kFloat).contiguous();
     cbp = cb.data_ptr<float>();
   }
-  const at::Tensor dtb = dt_bias.contiguous(), Ac = A.contiguous(), Dc = D.contiguous(), nw = norm_w.contiguous();
+  const at::Tensor dtb = dt_bias.to(at::kFloat).contiguous(), Ac = A.to(at::kFloat).contiguous();
+  const at::Tensor Dc = D.to(at::kFloat).contiguous(), nw = norm_w.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({B, d_inner}, zxbcdt.options());
   const int64_t row = in.size(1), heads_per_group = Hh / G, group_width = heads_per_group * P;
-  const float* inp = in.data_ptr<float>();
+  const T* inp = in.data_ptr<T>();
   const float* wp = w.data_ptr<float>();
   const float* dtbp = dtb.data_ptr<float>();
   const float* Ap = Ac.data_ptr<float>();
   const float* Dp = Dc.data_ptr<float>();
   const float* nwp = nw.data_ptr<float>();
-  float* csp = conv_state.data_ptr<float>();
+  T* csp = conv_state.data_ptr<T>();
   float* sp = ssm.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  T* op = out.data_ptr<T>();
   const float lo = static_cast<float>(dt_lo), hi = static_cast<float>(dt_hi);
+  const T* tag = nullptr;  // selects round_like's rounding for T
 
   at::parallel_for(0, B * G, 1, [&](int64_t u0, int64_t u1) {
-    std::vector<float> xs(group_width), Bs(N), Cs(N);
+    std::vector<float> xs(group_width), Bs(N), Cs(N), ys(group_width);
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t b = u / G, g = u % G;
-      const float* zrow = inp + b * row;
-      const float* xbc = zrow + d_inner;
-      const float* dtrow = xbc + C;
+      const T* zrow = inp + b * row;
+      const T* xbc = zrow + d_inner;
+      const T* dtrow = xbc + C;
       // conv window shift + depthwise conv + SiLU for this group's x, B and C channels
       auto conv = [&](int64_t c) {
-        float* st = csp + (b * C + c) * K;
+        T* st = csp + (b * C + c) * K;
         for (int64_t j = 0; j + 1 < K; ++j) st[j] = st[j + 1];
         st[K - 1] = xbc[c];
-        float v = cbp ? cbp[c] : 0.f;
-        for (int64_t j = 0; j < K; ++j) v += st[j] * wp[c * K + j];
-        return v / (1.f + std::exp(-v));
+        float v = 0.f;
+        for (int64_t j = 0; j < K; ++j) v += static_cast<float>(st[j]) * wp[c * K + j];
+        v = round_like(v, tag);
+        if (cbp) v = round_like(v + cbp[c], tag);
+        return round_like(v / (1.f + std::exp(-v)), tag);
       };
       for (int64_t j = 0; j < group_width; ++j) xs[j] = conv(g * group_width + j);
       for (int64_t j = 0; j < N; ++j) Bs[j] = conv(d_inner + g * N + j);
       for (int64_t j = 0; j < N; ++j) Cs[j] = conv(d_inner + G * N + g * N + j);
       float sumsq = 0.f;
-      float* orow = op + b * d_inner + g * group_width;
       for (int64_t hh = 0; hh < heads_per_group; ++hh) {
         const int64_t h = g * heads_per_group + hh;
-        float dt = dtrow[h] + dtbp[h];
+        float dt = static_cast<float>(dtrow[h]) + dtbp[h];
         dt = dt > 20.f ? dt : std::log1p(std::exp(dt));  // softplus (beta 1, threshold 20)
         dt = std::min(std::max(dt, lo), hi);
         const float dA = std::exp(dt * Ap[h]);
@@ -372,18 +489,35 @@ at::Tensor mamba_step(const at::Tensor& zxbcdt, at::Tensor conv_state, const at:
             y += v * Cs[n];
           }
           y += Dp[h] * xv;
-          const float z = zrow[h * P + p];
+          const float z = static_cast<float>(zrow[h * P + p]);
           y *= z / (1.f + std::exp(-z));  // gate: y * silu(z)
-          orow[hh * P + p] = y;
+          ys[hh * P + p] = y;
           sumsq += y * y;
         }
       }
       const float inv = 1.f / std::sqrt(sumsq / static_cast<float>(group_width) + static_cast<float>(eps));
       const float* wrow = nwp + g * group_width;
-      for (int64_t j = 0; j < group_width; ++j) orow[j] = orow[j] * inv * wrow[j];
+      T* orow = op + b * d_inner + g * group_width;
+      for (int64_t j = 0; j < group_width; ++j) orow[j] = static_cast<T>(ys[j] * inv * wrow[j]);
     }
   });
   return out;
+}
+
+at::Tensor mamba_step(const at::Tensor& zxbcdt, at::Tensor conv_state, const at::Tensor& conv_w,
+                      const c10::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,
+                      const at::Tensor& D, at::Tensor ssm, const at::Tensor& norm_w, int64_t n_groups, double eps,
+                      double dt_lo, double dt_hi) {
+  check_weight(zxbcdt, "zxbcdt");
+  check_f32(ssm, "ssm");
+  TORCH_CHECK(conv_state.scalar_type() == zxbcdt.scalar_type(), "nemotron3_cpu.mamba_step: conv_state is ",
+              conv_state.scalar_type(), ", zxbcdt ", zxbcdt.scalar_type());
+  TORCH_CHECK(conv_state.is_contiguous() && ssm.is_contiguous(), "nemotron3_cpu.mamba_step: states must be contiguous");
+  if (zxbcdt.scalar_type() == at::kBFloat16)
+    return mamba_step_impl<bf16>(zxbcdt, conv_state, conv_w, conv_b, dt_bias, A, D, ssm, norm_w, n_groups, eps,
+                                 dt_lo, dt_hi);
+  return mamba_step_impl<float>(zxbcdt, conv_state, conv_w, conv_b, dt_bias, A, D, ssm, norm_w, n_groups, eps, dt_lo,
+                                dt_hi);
 }
 
 // RMSNorm over the last dim: x * rsqrt(mean(x^2) + eps) * weight; x [..., D], weight [D].

@@ -54,8 +54,9 @@ def fused_mamba_step(mixer, zxbcdt: torch.Tensor, A: torch.Tensor, state) -> tor
     if ops is None:
         return None
     conv_b = mixer.conv1d.bias
-    tensors = [zxbcdt, state.conv, state.ssm, mixer.conv1d.weight, mixer.dt_bias, mixer.D, mixer.norm.weight]
-    if not plain(*tensors, *([conv_b] if conv_b is not None else [])):
+    params = [mixer.conv1d.weight, mixer.dt_bias, mixer.D, mixer.norm.weight, *([conv_b] if conv_b is not None else [])]
+    if not (zxbcdt.dtype == state.conv.dtype and plain(zxbcdt, state.conv, *params, dtypes=_GEMM_DTYPES)
+            and plain(state.ssm)):
         return None
     lo, hi = mixer.time_step_limit
     return ops.mamba_step(zxbcdt, state.conv, mixer.conv1d.weight, conv_b, mixer.dt_bias, A, mixer.D, state.ssm,
