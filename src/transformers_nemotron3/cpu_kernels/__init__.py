@@ -1,8 +1,8 @@
-"""Optional fp32 CPU kernels for decode steps (batch 1-16), compiled once on first use.
+"""Optional CPU kernels for decode steps (batch 1-16; fp32 and bf16), compiled once on first use.
 
 `enable_cpu_kernels()` builds ``decode_kernels.cpp`` with the system C++ compiler (through
 ``torch.utils.cpp_extension``, cached under ``~/.cache/torch_extensions``; about 15 s the first
-time) and plugs three operations into the model's seam `transformers_nemotron3.modeling.fast_ops`:
+time) and plugs four operations into the model's seam `transformers_nemotron3.modeling.fast_ops`:
 
 - ``small_linear``: ``x W^T + b`` for at most 16 rows, streaming each weight row once with a
   software prefetch (MKL's sgemm packs the weight from 4 rows on and runs at a third of the
@@ -10,11 +10,14 @@ time) and plugs three operations into the model's seam `transformers_nemotron3.m
 - ``moe_relu2``: the routed squared-ReLU experts of a few tokens, grouped by expert, weighted sum
   added into the output, in two parallel regions;
 - ``mamba_step``: a Mamba-2 decode step between ``in_proj`` and ``out_proj`` (conv window, SSM
-  update and readout, gate and group RMSNorm) in one parallel region.
+  update and readout, gate and group RMSNorm) in one parallel region;
+- ``rms_norm``: RMSNorm with a weight in one pass (the router's logits use ``small_linear`` too).
 
-They run only without autograd, on CPU, in float32, with no plugin in the way (LoRA-wrapped or
+They run only without autograd, on CPU, in float32 or bfloat16 (bf16 inputs and weights, exact products
+and fp32 sums via ``vdpbf16ps`` where the CPU has it, outputs rounded to bf16 as PyTorch's bf16 ops
+round; the RMSNorm kernel takes fp32 only), with no plugin in the way (LoRA-wrapped or
 NVFP4 linears, expert-parallel dispatchers and quantized expert GEMMs keep their own paths).
-Results equal the PyTorch paths up to fp32 summation order (``modeling_tests/test_cpu_kernels.py``).
+Results equal the PyTorch paths up to summation order (``modeling_tests/test_cpu_kernels.py``).
 Checkpoints are unaffected: the kernels touch no parameter and no state-dict key.
 Setting ``NEMOTRON3_CPU_KERNELS=1`` in the environment switches them on when the package is imported.
 """
