@@ -296,3 +296,14 @@ def test_environment_variable_switches_kernels_on(kernels):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_cli_builds_and_checks_kernels(kernels, monkeypatch, capsys):
+    from transformers_nemotron3.cli import main
+
+    assert main(["cpu-kernels"]) == 0
+    assert "CPU kernels ready" in capsys.readouterr().out
+    monkeypatch.setattr(cpu_kernels, "_load", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "_REASON", "building them failed (no compiler)")
+    assert main(["cpu-kernels"]) == 1
+    assert "no compiler" in capsys.readouterr().out
