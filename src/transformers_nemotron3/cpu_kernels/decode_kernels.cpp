@@ -1,13 +1,14 @@
-// CPU kernels for few-token (decode) steps of Nemotron 3 in fp32, registered as torch.ops.nemotron3_cpu.*
+// CPU kernels for few-token (decode) steps of Nemotron 3, registered as torch.ops.nemotron3_cpu.*
 //
 // Why: at batch 1-16 every weight matrix is read once per step, so a step costs the time to stream the
 // weights. MKL's sgemm reaches that speed only for one row; from 4 rows on it packs the weight first and
-// runs at a third of the bandwidth. `small_linear` streams each weight row once for up to 16 input rows,
-// with a software prefetch one row pair ahead. `moe_relu2` runs the routed experts of a few tokens
-// (grouped by expert, the weighted sum added into the output) and `mamba_step` a whole Mamba-2 decode
-// step after the input projection (conv window, SSM update and readout, gated group RMSNorm), each in one
-// parallel region instead of tens of small ATen ops. All arithmetic is fp32 and the results equal the
-// PyTorch paths up to fp32 summation order; modeling_tests/test_cpu_kernels.py checks each against them.
+// runs at a third of the bandwidth. `small_linear` streams each weight row once for up to 8 input rows at
+// a time, with a software prefetch 16 KB ahead. `moe_relu2` runs the routed experts of a few tokens
+// (grouped by expert, the weighted sum added into the output), `mamba_step` a whole Mamba-2 decode step
+// after the input projection (conv window, SSM update and readout, gated group RMSNorm) and `rms_norm` a
+// norm, each in one parallel region instead of several small ATen ops. fp32, and bf16 for the GEMMs and the
+// Mamba step (fp32 sums, bf16 roundings where PyTorch's bf16 ops round); results equal the PyTorch paths up
+// to summation order, which modeling_tests/test_cpu_kernels.py checks kernel by kernel.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -36,27 +37,56 @@ inline float round_like(float v, const float*) { return v; }
 inline float round_like(float v, const bf16*) { return static_cast<float>(bf16(v)); }
 
 #if defined(__AVX512F__)
-// 16 weights as fp32 (bf16 widened exactly: its bits are the top half of an fp32)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const bf16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline __m512 load16_tail(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16_tail(__mmask16 m, const bf16* p) {
-  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+// How one kernel reads and multiplies its inputs. `Widen<WT>`: fp32 activations, fp32 or bf16 weights
+// widened to fp32 (exact: bf16 bits are the top half of an fp32), 16 per FMA. `DotBf16`: bf16 activations
+// and weights through `vdpbf16ps` (pairs multiplied exactly, summed in fp32), 32 per instruction; widening
+// bf16 weights in the inner loop made the bf16 path compute-bound at ~16 GB/s.
+template <typename WT>
+struct Widen {
+  using X = float;
+  using W = WT;
+  using V = __m512;
+  using Mask = __mmask16;
+  static constexpr int64_t kStep = 16;
+  static V load_x(const float* p) { return _mm512_loadu_ps(p); }
+  static V load_x(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  static V load_w(const float* p) { return _mm512_loadu_ps(p); }
+  static V load_w(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  static V load_w(const bf16* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static V load_w(Mask m, const bf16* p) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
+  static __m512 madd(__m512 acc, V w, V x) { return _mm512_fmadd_ps(w, x, acc); }
+  static V widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+};
 
-// y[m * ldy + o] = epilogue(sum_i x[m * ldx + i] * W[o * I + i] + bias[o]) for o in [o0, o1), m < M.
-// x and y are fp32, W fp32 or bf16 (accumulated in fp32). Two weight rows per pass, M accumulators each
-// (2M <= 16 zmm registers); the weights 16 KB ahead are prefetched.
-template <int M, bool RELU2, typename WT>
-void rows_kernel(const float* x, int64_t ldx, const WT* W, int64_t I, int64_t o0, int64_t o1, float* y,
-                 int64_t ldy, const float* bias) {
-  const int64_t full = I / 16 * 16;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (I - full)) - 1u);
-  const int64_t ahead = std::max<int64_t>(2 * I, kPrefetchBytes / static_cast<int64_t>(sizeof(WT)));
+#if defined(__AVX512BF16__)
+#define NEMOTRON3_DPBF16 1
+struct DotBf16 {
+  using X = bf16;
+  using W = bf16;
+  using V = __m512bh;
+  using Mask = __mmask32;
+  static constexpr int64_t kStep = 32;
+  static V load_x(const bf16* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static V load_x(Mask m, const bf16* p) { return (__m512bh)_mm512_maskz_loadu_epi16(m, p); }
+  static V load_w(const bf16* p) { return load_x(p); }
+  static V load_w(Mask m, const bf16* p) { return load_x(m, p); }
+  static __m512 madd(__m512 acc, V w, V x) { return _mm512_dpbf16_ps(acc, w, x); }
+};
+#else
+#define NEMOTRON3_DPBF16 0
+#endif
+
+// y[m * ldy + o] = epilogue(sum_i x[m * ldx + i] * W[o * I + i] + bias[o]) for o in [o0, o1), m < M,
+// accumulated in fp32 (the epilogue rounds to bf16 after bf16 weights, as PyTorch's bf16 GEMM output is).
+// Two weight rows per pass, M accumulators each (2M <= 16 zmm registers); the weights 16 KB ahead are
+// prefetched.
+template <int M, bool RELU2, typename P>
+void rows_kernel(const typename P::X* x, int64_t ldx, const typename P::W* W, int64_t I, int64_t o0, int64_t o1,
+                 float* y, int64_t ldy, const float* bias) {
+  constexpr int64_t S = P::kStep;
+  const int64_t full = I / S * S, rem = I - full;
+  const typename P::Mask tail = static_cast<typename P::Mask>(rem ? (1ull << rem) - 1ull : 0ull);
+  const int64_t ahead = std::max<int64_t>(2 * I, kPrefetchBytes / static_cast<int64_t>(sizeof(*W)));
   auto finish = [&](float v, int64_t o) {
     v = round_like(v + (bias ? bias[o] : 0.f), W);
     if (RELU2) v = v > 0.f ? round_like(v * v, W) : 0.f;
@@ -67,26 +97,26 @@ void rows_kernel(const float* x, int64_t ldx, const WT* W, int64_t I, int64_t o0
     __m512 a0[M], a1[M];
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) { a0[m] = _mm512_setzero_ps(); a1[m] = _mm512_setzero_ps(); }
-    const WT* w0 = W + o * I;
-    const WT* w1 = w0 + I;
-    for (int64_t i = 0; i < full; i += 16) {
+    const auto* w0 = W + o * I;
+    const auto* w1 = w0 + I;
+    for (int64_t i = 0; i < full; i += S) {
       _mm_prefetch(reinterpret_cast<const char*>(w0 + ahead + i), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(w1 + ahead + i), _MM_HINT_T0);
-      const __m512 v0 = load16(w0 + i), v1 = load16(w1 + i);
+      const auto v0 = P::load_w(w0 + i), v1 = P::load_w(w1 + i);
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
-        const __m512 xv = _mm512_loadu_ps(x + m * ldx + i);
-        a0[m] = _mm512_fmadd_ps(v0, xv, a0[m]);
-        a1[m] = _mm512_fmadd_ps(v1, xv, a1[m]);
+        const auto xv = P::load_x(x + m * ldx + i);
+        a0[m] = P::madd(a0[m], v0, xv);
+        a1[m] = P::madd(a1[m], v1, xv);
       }
     }
-    if (tail) {
-      const __m512 v0 = load16_tail(tail, w0 + full), v1 = load16_tail(tail, w1 + full);
+    if (rem) {
+      const auto v0 = P::load_w(tail, w0 + full), v1 = P::load_w(tail, w1 + full);
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
-        const __m512 xv = _mm512_maskz_loadu_ps(tail, x + m * ldx + full);
-        a0[m] = _mm512_fmadd_ps(v0, xv, a0[m]);
-        a1[m] = _mm512_fmadd_ps(v1, xv, a1[m]);
+        const auto xv = P::load_x(tail, x + m * ldx + full);
+        a0[m] = P::madd(a0[m], v0, xv);
+        a1[m] = P::madd(a1[m], v1, xv);
       }
     }
 #pragma GCC unroll 8
@@ -99,30 +129,38 @@ void rows_kernel(const float* x, int64_t ldx, const WT* W, int64_t I, int64_t o0
     __m512 a0[M];
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) a0[m] = _mm512_setzero_ps();
-    const WT* w0 = W + o * I;
-    for (int64_t i = 0; i < full; i += 16) {
-      const __m512 v0 = load16(w0 + i);
+    const auto* w0 = W + o * I;
+    for (int64_t i = 0; i < full; i += S) {
+      const auto v0 = P::load_w(w0 + i);
 #pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) a0[m] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x + m * ldx + i), a0[m]);
+      for (int m = 0; m < M; ++m) a0[m] = P::madd(a0[m], v0, P::load_x(x + m * ldx + i));
     }
-    if (tail) {
-      const __m512 v0 = load16_tail(tail, w0 + full);
+    if (rem) {
+      const auto v0 = P::load_w(tail, w0 + full);
 #pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) a0[m] = _mm512_fmadd_ps(v0, _mm512_maskz_loadu_ps(tail, x + m * ldx + full), a0[m]);
+      for (int m = 0; m < M; ++m) a0[m] = P::madd(a0[m], v0, P::load_x(tail, x + m * ldx + full));
     }
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) y[m * ldy + o] = finish(_mm512_reduce_add_ps(a0[m]), o);
   }
 }
 #else
-// Portable version (no AVX-512 at build time): the Python side does not enable the GEMM paths then.
-template <int M, bool RELU2, typename WT>
-void rows_kernel(const float* x, int64_t ldx, const WT* W, int64_t I, int64_t o0, int64_t o1, float* y,
-                 int64_t ldy, const float* bias) {
+#define NEMOTRON3_DPBF16 0
+// Portable version (no AVX-512 at build time): correct but slow, so the Python side does not enable the
+// kernels then (`has_avx512`).
+template <typename WT>
+struct Widen {
+  using X = float;
+  using W = WT;
+};
+
+template <int M, bool RELU2, typename P>
+void rows_kernel(const typename P::X* x, int64_t ldx, const typename P::W* W, int64_t I, int64_t o0, int64_t o1,
+                 float* y, int64_t ldy, const float* bias) {
   for (int64_t o = o0; o < o1; ++o) {
     for (int m = 0; m < M; ++m) {
       float acc = 0.f;
-      for (int64_t i = 0; i < I; ++i) acc += x[m * ldx + i] * static_cast<float>(W[o * I + i]);
+      for (int64_t i = 0; i < I; ++i) acc += static_cast<float>(x[m * ldx + i]) * static_cast<float>(W[o * I + i]);
       acc = round_like(acc + (bias ? bias[o] : 0.f), W);
       if (RELU2) acc = acc > 0.f ? round_like(acc * acc, W) : 0.f;
       y[m * ldy + o] = acc;
@@ -131,127 +169,44 @@ void rows_kernel(const float* x, int64_t ldx, const WT* W, int64_t I, int64_t o0
 }
 #endif
 
-template <bool RELU2, typename WT>
+template <bool RELU2, typename P>
 auto rows_for(int m) {
   switch (m) {
-    case 1: return rows_kernel<1, RELU2, WT>;
-    case 2: return rows_kernel<2, RELU2, WT>;
-    case 3: return rows_kernel<3, RELU2, WT>;
-    case 4: return rows_kernel<4, RELU2, WT>;
-    case 5: return rows_kernel<5, RELU2, WT>;
-    case 6: return rows_kernel<6, RELU2, WT>;
-    case 7: return rows_kernel<7, RELU2, WT>;
-    default: return rows_kernel<8, RELU2, WT>;
+    case 1: return rows_kernel<1, RELU2, P>;
+    case 2: return rows_kernel<2, RELU2, P>;
+    case 3: return rows_kernel<3, RELU2, P>;
+    case 4: return rows_kernel<4, RELU2, P>;
+    case 5: return rows_kernel<5, RELU2, P>;
+    case 6: return rows_kernel<6, RELU2, P>;
+    case 7: return rows_kernel<7, RELU2, P>;
+    default: return rows_kernel<8, RELU2, P>;
   }
 }
 
-#if defined(__AVX512BF16__)
-#define NEMOTRON3_DPBF16 1
-// bf16 inputs and weights: `vdpbf16ps` multiplies pairs exactly and accumulates in fp32, 32 weights per
-// instruction (no widening of the weights, which made the bf16 path compute-bound). Same layout as rows_kernel.
-template <int M, bool RELU2>
-void rows_kernel_dp(const bf16* x, int64_t ldx, const bf16* W, int64_t I, int64_t o0, int64_t o1, float* y,
-                    int64_t ldy, const float* bias) {
-  const int64_t full = I / 32 * 32, rem = I - full;
-  const __mmask32 tail = rem ? static_cast<__mmask32>((1ull << rem) - 1ull) : 0;
-  const int64_t ahead = std::max<int64_t>(2 * I, kPrefetchBytes / 2);
-  const bf16* tag = nullptr;
-  auto finish = [&](float v, int64_t o) {
-    v = round_like(v + (bias ? bias[o] : 0.f), tag);
-    if (RELU2) v = v > 0.f ? round_like(v * v, tag) : 0.f;
-    return v;
-  };
-  auto ld = [](const bf16* p) { return (__m512bh)_mm512_loadu_si512(p); };
-  auto ldt = [tail](const bf16* p) { return (__m512bh)_mm512_maskz_loadu_epi16(tail, p); };
-  int64_t o = o0;
-  for (; o + 1 < o1; o += 2) {
-    __m512 a0[M], a1[M];
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) { a0[m] = _mm512_setzero_ps(); a1[m] = _mm512_setzero_ps(); }
-    const bf16* w0 = W + o * I;
-    const bf16* w1 = w0 + I;
-    for (int64_t i = 0; i < full; i += 32) {
-      _mm_prefetch(reinterpret_cast<const char*>(w0 + ahead + i), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w1 + ahead + i), _MM_HINT_T0);
-      const __m512bh v0 = ld(w0 + i), v1 = ld(w1 + i);
-#pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) {
-        const __m512bh xv = ld(x + m * ldx + i);
-        a0[m] = _mm512_dpbf16_ps(a0[m], v0, xv);
-        a1[m] = _mm512_dpbf16_ps(a1[m], v1, xv);
-      }
-    }
-    if (tail) {
-      const __m512bh v0 = ldt(w0 + full), v1 = ldt(w1 + full);
-#pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) {
-        const __m512bh xv = ldt(x + m * ldx + full);
-        a0[m] = _mm512_dpbf16_ps(a0[m], v0, xv);
-        a1[m] = _mm512_dpbf16_ps(a1[m], v1, xv);
-      }
-    }
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) {
-      y[m * ldy + o] = finish(_mm512_reduce_add_ps(a0[m]), o);
-      y[m * ldy + o + 1] = finish(_mm512_reduce_add_ps(a1[m]), o + 1);
-    }
-  }
-  if (o < o1) {
-    __m512 a0[M];
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) a0[m] = _mm512_setzero_ps();
-    const bf16* w0 = W + o * I;
-    for (int64_t i = 0; i < full; i += 32) {
-      const __m512bh v0 = ld(w0 + i);
-#pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) a0[m] = _mm512_dpbf16_ps(a0[m], v0, ld(x + m * ldx + i));
-    }
-    if (tail) {
-      const __m512bh v0 = ldt(w0 + full);
-#pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) a0[m] = _mm512_dpbf16_ps(a0[m], v0, ldt(x + m * ldx + full));
-    }
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) y[m * ldy + o] = finish(_mm512_reduce_add_ps(a0[m]), o);
-  }
-}
-
-template <bool RELU2>
-auto rows_for_dp(int m) {
-  switch (m) {
-    case 1: return rows_kernel_dp<1, RELU2>;
-    case 2: return rows_kernel_dp<2, RELU2>;
-    case 3: return rows_kernel_dp<3, RELU2>;
-    case 4: return rows_kernel_dp<4, RELU2>;
-    case 5: return rows_kernel_dp<5, RELU2>;
-    case 6: return rows_kernel_dp<6, RELU2>;
-    case 7: return rows_kernel_dp<7, RELU2>;
-    default: return rows_kernel_dp<8, RELU2>;
-  }
-}
-#else
-#define NEMOTRON3_DPBF16 0
+// The kernel policy for activations XT and weights WT: dpbf16 for bf16 x bf16 where the CPU has it.
+template <typename XT, typename WT>
+struct policy_for {
+  using type = Widen<WT>;
+};
+#if NEMOTRON3_DPBF16
+template <>
+struct policy_for<bf16, bf16> {
+  using type = DotBf16;
+};
 #endif
 
-// Rows [o0, o1) of y = x W^T (+ b) for any M: float x with float or bf16 W (widened), or bf16 x with bf16 W
-// (dpbf16). Weight row pairs outermost so each pair serves every group of 8 input rows while it is in L1
-// (blocks of 16 rows keep the prefetch running ahead).
+// Rows [o0, o1) of y = x W^T (+ b) for any M. Weight row pairs outermost so each pair serves every group
+// of 8 input rows while it is in L1 (blocks of 16 rows keep the prefetch running ahead).
 template <bool RELU2, typename XT, typename WT>
 void rows_any(const XT* x, int64_t ldx, int64_t M, const WT* W, int64_t I, int64_t o0, int64_t o1, float* y,
               int64_t ldy, const float* bias) {
+  using P = typename policy_for<XT, WT>::type;
   constexpr int64_t kBlock = 16;
   for (int64_t b0 = o0; b0 < o1; b0 += kBlock) {
     const int64_t b1 = std::min(o1, b0 + kBlock);
     for (int64_t m0 = 0; m0 < M; m0 += kRowGroup) {
       const int mm = static_cast<int>(std::min<int64_t>(kRowGroup, M - m0));
-#if NEMOTRON3_DPBF16
-      if constexpr (std::is_same<XT, bf16>::value) {
-        rows_for_dp<RELU2>(mm)(x + m0 * ldx, ldx, W, I, b0, b1, y + m0 * ldy, ldy, bias);
-        continue;
-      }
-#endif
-      if constexpr (std::is_same<XT, float>::value)
-        rows_for<RELU2, WT>(mm)(x + m0 * ldx, ldx, W, I, b0, b1, y + m0 * ldy, ldy, bias);
+      rows_for<RELU2, P>(mm)(x + m0 * ldx, ldx, W, I, b0, b1, y + m0 * ldy, ldy, bias);
     }
   }
 }

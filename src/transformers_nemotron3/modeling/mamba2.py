@@ -202,22 +202,21 @@ class Nemotron3Mamba2Mixer(nn.Module):
         if padding_mask is not None:
             hidden_states = hidden_states * padding_mask[..., None].to(dtype)
         zxbcdt = self.in_proj(hidden_states)
-        z, xbc, dt = zxbcdt.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         A = -torch.exp(self.A_log.float())
         state = cache.get(self.layer_idx) if cache is not None else None
 
-        if state is not None and state.has_previous and length == 1:
-            fused = fused_mamba_step(self, zxbcdt, A, state)  # CPU kernel, when enabled and applicable
-            if fused is not None:
-                return self.out_proj(fused.view(b, 1, -1).to(dtype))
-            y = self._decode_step(z, xbc, dt, A, state)
-        elif state is not None and state.has_previous and state.history is not None:
-            fused = self._recorded_fused_steps(zxbcdt, A, state)  # CPU kernel, when enabled and applicable
-            if fused is not None:
-                return self.out_proj(fused.to(dtype))
-            y = self._recorded_steps(z, xbc, dt, A, state)
-        else:
-            y = self._scan(z, xbc, dt, A, state, padding_mask, seq_idx)
+        if state is not None and state.has_previous and (length == 1 or state.history is not None):
+            # decode steps, one token at a time; while recording (speculative verification of several
+            # tokens) the state after each token is kept for rollback
+            record = length > 1
+            ys = []
+            for t in range(length):
+                ys.append(self._decode_normed(zxbcdt[:, t : t + 1], A, state, dtype))
+                if record:
+                    state.history.append((state.conv.clone(), state.ssm.clone()))
+            return self.out_proj(torch.cat(ys, dim=1) if record else ys[0])
+        z, xbc, dt = zxbcdt.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        y = self._scan(z, xbc, dt, A, state, padding_mask, seq_idx)
         return self.out_proj(self.norm(y, z, dtype))
 
     # ------------------------------------------------------------------ prefill / training
@@ -260,24 +259,14 @@ class Nemotron3Mamba2Mixer(nn.Module):
         return y.reshape(b, length, self.intermediate_size)
 
     # ------------------------------------------------------------------ decode
-    def _recorded_steps(self, z, xbc, dt, A, state) -> torch.Tensor:
-        """A few tokens as decode steps, keeping the state after each (speculative verification rollback)."""
-        ys = []
-        for t in range(xbc.shape[1]):
-            ys.append(self._decode_step(z[:, t : t + 1], xbc[:, t : t + 1], dt[:, t : t + 1], A, state))
-            state.history.append((state.conv.clone(), state.ssm.clone()))
-        return torch.cat(ys, dim=1)
-
-    def _recorded_fused_steps(self, zxbcdt, A, state) -> torch.Tensor | None:
-        """`_recorded_steps` through the fused CPU kernel (gated and normed output), or None when it does not apply."""
-        ys = []
-        for t in range(zxbcdt.shape[1]):
-            y = fused_mamba_step(self, zxbcdt[:, t : t + 1], A, state)
-            if y is None:  # the conditions do not change between tokens: only the first can refuse
-                return None
-            ys.append(y.unsqueeze(1))
-            state.history.append((state.conv.clone(), state.ssm.clone()))
-        return torch.cat(ys, dim=1)
+    def _decode_normed(self, zxbcdt, A, state, dtype) -> torch.Tensor:
+        """One token [b, 1, proj] -> the gated, normed input of ``out_proj``: the fused CPU kernel where it
+        applies (enabled, no autograd, CPU), else `_decode_step` and the gated norm."""
+        fused = fused_mamba_step(self, zxbcdt, A, state)
+        if fused is not None:
+            return fused.view(zxbcdt.shape[0], 1, -1).to(dtype)
+        z, xbc, dt = zxbcdt.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        return self.norm(self._decode_step(z, xbc, dt, A, state), z, dtype)
 
     def _decode_step(self, z, xbc, dt, A, state) -> torch.Tensor:
         b = xbc.shape[0]

@@ -253,12 +253,10 @@ class Nemotron3MoE(nn.Module):
             if self.training and self.config.moe_aux_loss_coef > 0 else None
         )
         routed_in = self.fc1_latent_proj(x) if self.fc1_latent_proj is not None else x
-        if self.uses_default_paths() and not torch.is_grad_enabled():
-            fused = self._forward_fused(hidden_states, routed_in, weights, topk_idx)
-            if fused is not None:
-                return fused
+        if self.uses_default_paths() and fused_moe_relu2_applies(self.experts, routed_in):  # CPU kernel
+            return self._forward_accumulated(hidden_states, routed_in, weights, topk_idx, fused_moe_relu2)
         if self.use_few_routes_path(topk_idx):
-            return self._forward_few_routes(hidden_states, routed_in, weights, topk_idx)
+            return self._forward_accumulated(hidden_states, routed_in, weights, topk_idx, routed_few_tokens)
         x_sorted, counts, ctx = self.dispatcher.dispatch(routed_in, topk_idx, self.num_experts)
         out = self.experts(x_sorted, counts)
         return self._finish(self.dispatcher.combine(out, weights, ctx, x.shape[0]), hidden_states)
@@ -281,25 +279,15 @@ class Nemotron3MoE(nn.Module):
         """Decode fast path: few routes, no gradient, and the default dispatcher and GEMM (plugins keep theirs)."""
         return topk_idx.numel() <= FEW_ROUTES_MAX and not torch.is_grad_enabled() and self.uses_default_paths()
 
-    def _forward_fused(self, hidden_states, routed_in, weights, topk_idx) -> torch.Tensor | None:
-        """Routed experts through the CPU kernel (`fast_ops.fused_moe_relu2`), or None when it does not apply."""
-        if not fused_moe_relu2_applies(self.experts, routed_in):
-            return None
+    def _forward_accumulated(self, hidden_states, routed_in, weights, topk_idx, routed_into) -> torch.Tensor:
+        """Decode paths: ``routed_into(experts, x, weights, topk_idx, acc)`` adds the routed experts into a
+        float32 accumulator, which starts as the shared expert's output where widths and dtype allow."""
         shape = hidden_states.shape
         if self.fc2_latent_proj is None and self.shared_experts is not None and hidden_states.dtype == torch.float32:
-            acc = self.shared_experts(hidden_states).reshape(-1, shape[-1]).contiguous()  # routed sum added in
-            return fused_moe_relu2(self.experts, routed_in, weights, topk_idx, acc).view(shape)
+            acc = self.shared_experts(hidden_states).reshape(-1, shape[-1]).contiguous()
+            return routed_into(self.experts, routed_in, weights, topk_idx, acc).view(shape)
         acc = routed_in.new_zeros(routed_in.shape[0], routed_in.shape[1], dtype=torch.float32)
-        return self._finish(fused_moe_relu2(self.experts, routed_in, weights, topk_idx, acc), hidden_states)
-
-    def _forward_few_routes(self, hidden_states, routed_in, weights, topk_idx) -> torch.Tensor:
-        shape = hidden_states.shape
-        if self.fc2_latent_proj is None and self.shared_experts is not None and hidden_states.dtype == torch.float32:
-            acc = self.shared_experts(hidden_states).reshape(-1, shape[-1])  # routed outputs added into it
-            return routed_few_tokens(self.experts, routed_in, weights, topk_idx, acc).view(shape)
-        acc = routed_in.new_zeros(routed_in.shape[0], routed_in.shape[1], dtype=torch.float32)
-        return self._finish(routed_few_tokens(self.experts, routed_in, weights, topk_idx, acc), hidden_states)
-
+        return self._finish(routed_into(self.experts, routed_in, weights, topk_idx, acc), hidden_states)
 
 __all__ = [
     "Nemotron3MoE", "Nemotron3Router", "Nemotron3Experts", "Nemotron3MLP", "Nemotron3GatedMLP",
