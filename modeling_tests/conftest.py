@@ -17,3 +17,38 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+class _Spy:
+    """Stands in for ``torch.ops.nemotron3_cpu`` and records which kernels the model called."""
+
+    def __init__(self, real) -> None:
+        self.real, self.calls = real, []
+
+    def __getattr__(self, name):
+        self.calls.append(name)
+        return getattr(self.real, name)
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """The optional CPU kernels switched on for one test (behind a call-recording spy), off again afterwards.
+    They build with the machine's C++ compiler; without one the test skips and says why."""
+    from transformers_nemotron3 import cpu_kernels
+    from transformers_nemotron3.modeling import fast_ops
+
+    if not cpu_kernels.enable_cpu_kernels():
+        pytest.skip(f"CPU kernels unavailable here: {cpu_kernels.cpu_kernels_unavailable_reason()}")
+    spy = _Spy(torch.ops.nemotron3_cpu)
+    real_enable = cpu_kernels.enable_cpu_kernels
+
+    def enable(enabled: bool = True) -> bool:  # tests switch them on and off; "on" installs the spy
+        on = real_enable(enabled)
+        if on:
+            fast_ops.ops = spy
+        return on
+
+    monkeypatch.setattr(cpu_kernels, "enable_cpu_kernels", enable)
+    fast_ops.ops = spy
+    yield spy
+    real_enable(False)

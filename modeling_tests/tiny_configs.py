@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from transformers_nemotron3 import Nemotron3Config
 
 BASE = dict(
@@ -45,3 +47,11 @@ def native_config(config: Nemotron3Config):
     if known is not None:
         d = {k: v for k, v in d.items() if k in known or k in ("hybrid_override_pattern", "num_hidden_layers")}
     return NemotronHConfig(**d)
+
+
+def randomize(module: torch.nn.Module, std: float = 0.1, seed: int = 0) -> None:
+    """Overwrite every parameter with seeded N(0, std^2) values (tiny models with non-trivial outputs)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)

@@ -35,20 +35,25 @@ from ..modeling import fast_ops
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("decode_kernels.cpp")
+_HERE = Path(__file__).parent
+_SOURCES = [_HERE / "decode_kernels.cpp", _HERE / "decode_blocks.cpp"]  # + the headers gemm.h, decode_ops.h
 _LOADED: bool | None = None  # None: not tried; False: failed (reason in _REASON)
 _REASON = ""
 
 
-def _cpu_tag() -> str:
-    """A short hash of this CPU's feature flags (the build uses ``-march=native``)."""
+def _build_tag() -> str:
+    """A short hash of this CPU's feature flags (the build uses ``-march=native``) and of the sources and
+    headers, so that another CPU or changed kernels never pick up a stale build from the cache."""
     flags = ""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         pass
-    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+    digest = hashlib.sha1(flags.encode())
+    for path in sorted(_HERE.glob("*.cpp")) + sorted(_HERE.glob("*.h")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:10]
 
 
 def _load() -> bool:
@@ -60,8 +65,8 @@ def _load() -> bool:
 
         logger.info("compiling the Nemotron 3 CPU decode kernels (once per machine, ~15 s)")
         load(
-            name=f"nemotron3_cpu_kernels_{_cpu_tag()}",
-            sources=[str(_SOURCE)],
+            name=f"nemotron3_cpu_kernels_{_build_tag()}",
+            sources=[str(p) for p in _SOURCES],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,

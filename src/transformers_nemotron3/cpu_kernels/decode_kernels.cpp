@@ -10,235 +10,25 @@
 // Mamba step (fp32 sums, bf16 roundings where PyTorch's bf16 ops round); results equal the PyTorch paths up
 // to summation order, which modeling_tests/test_cpu_kernels.py checks kernel by kernel.
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cmath>
-#include <type_traits>
-#include <vector>
+#include "decode_ops.h"
+#include "gemm.h"
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+namespace nemotron3 {
 
-namespace {
-
-constexpr int kRowGroup = 8;  // input rows that share one pass over a weight row pair
-// Software prefetch distance: 16 KB ahead of the rows being read (measured on a 2-core Xeon VM: 2 KB
-// ahead left batch-1 decode ~15 % slower, 32 KB ahead was no better than 16 KB).
-constexpr int64_t kPrefetchBytes = 16384;
-
-using bf16 = c10::BFloat16;
-
-// What a product of bf16 weights hands on: the value rounded to bf16, as PyTorch's bf16 GEMM output is.
-inline float round_like(float v, const float*) { return v; }
-inline float round_like(float v, const bf16*) { return static_cast<float>(bf16(v)); }
-
-#if defined(__AVX512F__)
-// How one kernel reads and multiplies its inputs. `Widen<WT>`: fp32 activations, fp32 or bf16 weights
-// widened to fp32 (exact: bf16 bits are the top half of an fp32), 16 per FMA. `DotBf16`: bf16 activations
-// and weights through `vdpbf16ps` (pairs multiplied exactly, summed in fp32), 32 per instruction; widening
-// bf16 weights in the inner loop made the bf16 path compute-bound at ~16 GB/s.
-template <typename WT>
-struct Widen {
-  using X = float;
-  using W = WT;
-  using V = __m512;
-  using Mask = __mmask16;
-  static constexpr int64_t kStep = 16;
-  static V load_x(const float* p) { return _mm512_loadu_ps(p); }
-  static V load_x(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
-  static V load_w(const float* p) { return _mm512_loadu_ps(p); }
-  static V load_w(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
-  static V load_w(const bf16* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-  static V load_w(Mask m, const bf16* p) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
-  static __m512 madd(__m512 acc, V w, V x) { return _mm512_fmadd_ps(w, x, acc); }
-  static V widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
-};
-
-#if defined(__AVX512BF16__)
-#define NEMOTRON3_DPBF16 1
-struct DotBf16 {
-  using X = bf16;
-  using W = bf16;
-  using V = __m512bh;
-  using Mask = __mmask32;
-  static constexpr int64_t kStep = 32;
-  static V load_x(const bf16* p) { return (__m512bh)_mm512_loadu_si512(p); }
-  static V load_x(Mask m, const bf16* p) { return (__m512bh)_mm512_maskz_loadu_epi16(m, p); }
-  static V load_w(const bf16* p) { return load_x(p); }
-  static V load_w(Mask m, const bf16* p) { return load_x(m, p); }
-  static __m512 madd(__m512 acc, V w, V x) { return _mm512_dpbf16_ps(acc, w, x); }
-};
-#else
-#define NEMOTRON3_DPBF16 0
-#endif
-
-// y[m * ldy + o] = epilogue(sum_i x[m * ldx + i] * W[o * I + i] + bias[o]) for o in [o0, o1), m < M,
-// accumulated in fp32 (the epilogue rounds to bf16 after bf16 weights, as PyTorch's bf16 GEMM output is).
-// Two weight rows per pass, M accumulators each (2M <= 16 zmm registers); the weights 16 KB ahead are
-// prefetched.
-template <int M, bool RELU2, typename P>
-void rows_kernel(const typename P::X* x, int64_t ldx, const typename P::W* W, int64_t I, int64_t o0, int64_t o1,
-                 float* y, int64_t ldy, const float* bias) {
-  constexpr int64_t S = P::kStep;
-  const int64_t full = I / S * S, rem = I - full;
-  const typename P::Mask tail = static_cast<typename P::Mask>(rem ? (1ull << rem) - 1ull : 0ull);
-  const int64_t ahead = std::max<int64_t>(2 * I, kPrefetchBytes / static_cast<int64_t>(sizeof(*W)));
-  auto finish = [&](float v, int64_t o) {
-    v = round_like(v + (bias ? bias[o] : 0.f), W);
-    if (RELU2) v = v > 0.f ? round_like(v * v, W) : 0.f;
-    return v;
-  };
-  int64_t o = o0;
-  for (; o + 1 < o1; o += 2) {
-    __m512 a0[M], a1[M];
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) { a0[m] = _mm512_setzero_ps(); a1[m] = _mm512_setzero_ps(); }
-    const auto* w0 = W + o * I;
-    const auto* w1 = w0 + I;
-    for (int64_t i = 0; i < full; i += S) {
-      _mm_prefetch(reinterpret_cast<const char*>(w0 + ahead + i), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w1 + ahead + i), _MM_HINT_T0);
-      const auto v0 = P::load_w(w0 + i), v1 = P::load_w(w1 + i);
-#pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) {
-        const auto xv = P::load_x(x + m * ldx + i);
-        a0[m] = P::madd(a0[m], v0, xv);
-        a1[m] = P::madd(a1[m], v1, xv);
-      }
-    }
-    if (rem) {
-      const auto v0 = P::load_w(tail, w0 + full), v1 = P::load_w(tail, w1 + full);
-#pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) {
-        const auto xv = P::load_x(tail, x + m * ldx + full);
-        a0[m] = P::madd(a0[m], v0, xv);
-        a1[m] = P::madd(a1[m], v1, xv);
-      }
-    }
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) {
-      y[m * ldy + o] = finish(_mm512_reduce_add_ps(a0[m]), o);
-      y[m * ldy + o + 1] = finish(_mm512_reduce_add_ps(a1[m]), o + 1);
-    }
-  }
-  if (o < o1) {  // odd row count: the last row alone
-    __m512 a0[M];
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) a0[m] = _mm512_setzero_ps();
-    const auto* w0 = W + o * I;
-    for (int64_t i = 0; i < full; i += S) {
-      const auto v0 = P::load_w(w0 + i);
-#pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) a0[m] = P::madd(a0[m], v0, P::load_x(x + m * ldx + i));
-    }
-    if (rem) {
-      const auto v0 = P::load_w(tail, w0 + full);
-#pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) a0[m] = P::madd(a0[m], v0, P::load_x(tail, x + m * ldx + full));
-    }
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) y[m * ldy + o] = finish(_mm512_reduce_add_ps(a0[m]), o);
-  }
-}
-#else
-#define NEMOTRON3_DPBF16 0
-// Portable version (no AVX-512 at build time): correct but slow, so the Python side does not enable the
-// kernels then (`has_avx512`).
-template <typename WT>
-struct Widen {
-  using X = float;
-  using W = WT;
-};
-
-template <int M, bool RELU2, typename P>
-void rows_kernel(const typename P::X* x, int64_t ldx, const typename P::W* W, int64_t I, int64_t o0, int64_t o1,
-                 float* y, int64_t ldy, const float* bias) {
-  for (int64_t o = o0; o < o1; ++o) {
-    for (int m = 0; m < M; ++m) {
-      float acc = 0.f;
-      for (int64_t i = 0; i < I; ++i) acc += static_cast<float>(x[m * ldx + i]) * static_cast<float>(W[o * I + i]);
-      acc = round_like(acc + (bias ? bias[o] : 0.f), W);
-      if (RELU2) acc = acc > 0.f ? round_like(acc * acc, W) : 0.f;
-      y[m * ldy + o] = acc;
-    }
-  }
-}
-#endif
-
-template <bool RELU2, typename P>
-auto rows_for(int m) {
-  switch (m) {
-    case 1: return rows_kernel<1, RELU2, P>;
-    case 2: return rows_kernel<2, RELU2, P>;
-    case 3: return rows_kernel<3, RELU2, P>;
-    case 4: return rows_kernel<4, RELU2, P>;
-    case 5: return rows_kernel<5, RELU2, P>;
-    case 6: return rows_kernel<6, RELU2, P>;
-    case 7: return rows_kernel<7, RELU2, P>;
-    default: return rows_kernel<8, RELU2, P>;
-  }
-}
-
-// The kernel policy for activations XT and weights WT: dpbf16 for bf16 x bf16 where the CPU has it.
-template <typename XT, typename WT>
-struct policy_for {
-  using type = Widen<WT>;
-};
-#if NEMOTRON3_DPBF16
-template <>
-struct policy_for<bf16, bf16> {
-  using type = DotBf16;
-};
-#endif
-
-// Rows [o0, o1) of y = x W^T (+ b) for any M. Weight row pairs outermost so each pair serves every group
-// of 8 input rows while it is in L1 (blocks of 16 rows keep the prefetch running ahead).
-template <bool RELU2, typename XT, typename WT>
-void rows_any(const XT* x, int64_t ldx, int64_t M, const WT* W, int64_t I, int64_t o0, int64_t o1, float* y,
-              int64_t ldy, const float* bias) {
-  using P = typename policy_for<XT, WT>::type;
-  constexpr int64_t kBlock = 16;
-  for (int64_t b0 = o0; b0 < o1; b0 += kBlock) {
-    const int64_t b1 = std::min(o1, b0 + kBlock);
-    for (int64_t m0 = 0; m0 < M; m0 += kRowGroup) {
-      const int mm = static_cast<int>(std::min<int64_t>(kRowGroup, M - m0));
-      rows_for<RELU2, P>(mm)(x + m0 * ldx, ldx, W, I, b0, b1, y + m0 * ldy, ldy, bias);
-    }
-  }
-}
-
-// The activation type the GEMMs read for weights of type WT: bf16 where dpbf16 exists, fp32 otherwise.
-template <typename WT>
-using act_t = typename std::conditional<std::is_same<WT, bf16>::value && NEMOTRON3_DPBF16, bf16, float>::type;
-
-void check_weight(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
-              "nemotron3_cpu: ", name, " must be a float32 or bfloat16 CPU tensor, got ", t.scalar_type(), " on ",
-              t.device());
-}
-
-void check_f32(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "nemotron3_cpu: ", name,
-              " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
-}
-
-constexpr int64_t kGrain = 16;  // fewer output rows than this run on one thread
-
-}  // namespace
-
-// y = x W^T + b over the last dim of x; x [..., I], W [O, I] contiguous, b [O] or None. float32, or bfloat16
-// (x, W and b bf16, products accumulated in fp32, y rounded to bf16 as PyTorch's bf16 GEMM does).
-at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                        bool relu2) {
   check_weight(weight, "weight");
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "nemotron3_cpu.small_linear: x is ", x.scalar_type(),
               ", weight ", weight.scalar_type());
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "nemotron3_cpu.small_linear: weight must be 2-D contiguous");
+  TORCH_CHECK(weight.dim() == 2, "nemotron3_cpu.small_linear: weight must be 2-D");
   const int64_t I = weight.size(1), O = weight.size(0);
   TORCH_CHECK(x.size(-1) == I, "nemotron3_cpu.small_linear: x has ", x.size(-1), " features, weight expects ", I);
+  if (!weight.is_contiguous() || x.numel() > kMaxRows * I) {  // not what the kernel is for: ATen's GEMM
+    at::Tensor y = at::linear(x, weight, bias);
+    return relu2 ? y.relu_().square_() : y;
+  }
   const bool bf = weight.scalar_type() == at::kBFloat16;
   const at::Tensor x2 = x.reshape({-1, I}).to(bf && NEMOTRON3_DPBF16 ? at::kBFloat16 : at::kFloat).contiguous();
   const int64_t M = x2.size(0);
@@ -252,17 +42,38 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const c10
   sizes.back() = O;
   at::Tensor y = at::empty({M, O}, x2.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
+  auto run = [&](const auto* xp, const auto* wp) {
+    at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
+      if (relu2)
+        rows_any<true>(xp, I, M, wp, I, o0, o1, yp, O, bp);
+      else
+        rows_any<false>(xp, I, M, wp, I, o0, o1, yp, O, bp);
+    });
+  };
   if (bf) {
-    using XT = act_t<bf16>;
-    const XT* xp = x2.data_ptr<XT>();
-    const bf16* wp = weight.data_ptr<bf16>();
-    at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) { rows_any<false>(xp, I, M, wp, I, o0, o1, yp, O, bp); });
+    run(x2.data_ptr<act_t<bf16>>(), weight.data_ptr<bf16>());
     return y.to(at::kBFloat16).view(sizes);
   }
-  const float* xp = x2.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) { rows_any<false>(xp, I, M, wp, I, o0, o1, yp, O, bp); });
+  run(x2.data_ptr<float>(), weight.data_ptr<float>());
   return y.view(sizes);
+}
+
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight) {
+  check_weight(weight, "weight");
+  const int64_t I = weight.size(1), O = weight.size(0);
+  const at::Tensor x2 = x.reshape({-1, I}).to(at::kFloat).contiguous();
+  const int64_t M = x2.size(0);
+  if (!weight.is_contiguous() || M > kMaxRows) return at::linear(x2, weight.to(at::kFloat));
+  at::Tensor y = at::empty({M, O}, x2.options());
+  float* yp = y.data_ptr<float>();
+  const float* xp = x2.data_ptr<float>();
+  at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
+    if (weight.scalar_type() == at::kBFloat16)
+      rows_any<false, float, bf16, false>(xp, I, M, weight.data_ptr<bf16>(), I, o0, o1, yp, O, nullptr);
+    else
+      rows_any<false>(xp, I, M, weight.data_ptr<float>(), I, o0, o1, yp, O, nullptr);
+  });
+  return y;
 }
 
 template <typename WT>
@@ -475,31 +286,50 @@ at::Tensor mamba_step(const at::Tensor& zxbcdt, at::Tensor conv_state, const at:
                                 dt_hi);
 }
 
-// RMSNorm over the last dim: x * rsqrt(mean(x^2) + eps) * weight; x [..., D], weight [D].
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_f32(x, "x");
-  check_f32(weight, "weight");
+template <typename XT, typename WT, typename OT>
+void rms_norm_rows(const XT* xp, const WT* wp, OT* op, int64_t rows, int64_t D, float eps) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const XT* xr = xp + r * D;
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < D; ++i) ss += static_cast<float>(xr[i]) * static_cast<float>(xr[i]);
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
+      OT* orow = op + r * D;
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) orow[i] = static_cast<OT>(static_cast<float>(xr[i]) * inv * static_cast<float>(wp[i]));
+    }
+  });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::ScalarType out_dtype) {
+  check_weight(x, "x");
+  check_weight(weight, "weight");
   const int64_t D = x.size(-1);
   TORCH_CHECK(weight.numel() == D, "nemotron3_cpu.rms_norm: weight has ", weight.numel(), " elements, x has ", D,
               " features");
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16, "nemotron3_cpu.rms_norm: output dtype ",
+              out_dtype, " (float32 or bfloat16 only)");
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
-  at::Tensor out = at::empty_like(xc);
+  at::Tensor out = at::empty(xc.sizes(), xc.options().dtype(out_dtype));
   const int64_t rows = xc.numel() / std::max<int64_t>(D, 1);
-  const float* xp = xc.data_ptr<float>();
-  const float* wp = wc.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xp + r * D;
-      float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
-      const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
-      float* orow = op + r * D;
-#pragma omp simd
-      for (int64_t i = 0; i < D; ++i) orow[i] = xr[i] * inv * wp[i];
-    }
-  });
+  const float e = static_cast<float>(eps);
+  auto with_out = [&](const auto* xp, const auto* wp) {
+    if (out_dtype == at::kBFloat16)
+      rms_norm_rows(xp, wp, out.data_ptr<bf16>(), rows, D, e);
+    else
+      rms_norm_rows(xp, wp, out.data_ptr<float>(), rows, D, e);
+  };
+  auto with_w = [&](const auto* xp) {
+    if (wc.scalar_type() == at::kBFloat16)
+      with_out(xp, wc.data_ptr<bf16>());
+    else
+      with_out(xp, wc.data_ptr<float>());
+  };
+  if (xc.scalar_type() == at::kBFloat16)
+    with_w(xc.data_ptr<bf16>());
+  else
+    with_w(xc.data_ptr<float>());
   return out;
 }
 
@@ -511,18 +341,33 @@ bool has_avx512() {
 #endif
 }
 
+}  // namespace nemotron3
+
+namespace {
+
+// The registered ops (schemas below); internal callers use the nemotron3:: functions directly.
+at::Tensor small_linear_op(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  return nemotron3::small_linear(x, weight, bias, false);
+}
+
+at::Tensor rms_norm_op(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  return nemotron3::rms_norm(x, weight, eps, at::kFloat);
+}
+
+}  // namespace
+
 TORCH_LIBRARY(nemotron3_cpu, m) {
   m.def("small_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("moe_relu2(Tensor x, Tensor up, Tensor down, Tensor topk_idx, Tensor weights, Tensor(a!) acc) -> Tensor(a!)");
   m.def("mamba_step(Tensor zxbcdt, Tensor(a!) conv_state, Tensor conv_w, Tensor? conv_b, Tensor dt_bias, Tensor A, "
         "Tensor D, Tensor(b!) ssm, Tensor norm_w, int n_groups, float eps, float dt_lo, float dt_hi) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
-  m.def("has_avx512() -> bool", has_avx512);
+  m.def("has_avx512() -> bool", nemotron3::has_avx512);
 }
 
 TORCH_LIBRARY_IMPL(nemotron3_cpu, CPU, m) {
-  m.impl("small_linear", small_linear);
-  m.impl("moe_relu2", moe_relu2);
-  m.impl("mamba_step", mamba_step);
-  m.impl("rms_norm", rms_norm);
+  m.impl("small_linear", small_linear_op);
+  m.impl("moe_relu2", nemotron3::moe_relu2);
+  m.impl("mamba_step", nemotron3::mamba_step);
+  m.impl("rms_norm", rms_norm_op);
 }

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fast_ops import Nemotron3Linear
+from .fused_decode import attention_block, fits
 
 
 def rope_inv_freq(dim: int, theta: float, scaling: dict | None = None, seq_len: int | None = None,
@@ -142,6 +143,17 @@ class Nemotron3Attention(nn.Module):
             cos, sin = self.rotary(position_ids, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return q, k, v
+
+    def fused_decode_block(self, norm: nn.Module, cache, dtype: torch.dtype, mask: torch.Tensor | None):
+        """A function ``h -> h + self(norm(h))`` for cached decode steps of one token per sequence, one CPU
+        kernel call each (plain sdpa attention: no mask, RoPE, q/k norm or dropout), or None."""
+        state = cache.get(self.layer_idx) if cache is not None else None
+        impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
+        if (state is None or state.keys is None or mask is not None or impl != "sdpa" or self.use_rope
+                or self.use_qk_norm or self.training or state.keys.dtype != dtype
+                or not fits(dtype, self.q_proj, self.k_proj, self.v_proj, self.o_proj)):
+            return None
+        return attention_block(norm, self, state)
 
     def forward(
         self,

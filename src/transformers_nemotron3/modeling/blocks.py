@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from .attention import Nemotron3Attention
+from .fused_decode import decode_ready, fits, mlp_block
 from .mamba2 import Nemotron3Mamba2Mixer
-from .moe import Nemotron3MLP, Nemotron3MoE
+from .moe import Nemotron3MLP, Nemotron3MoE, _relu2
 from .norms import rms_norm
 
 try:  # transformers' checkpointing-aware layer base (present in all 5.x releases)
@@ -66,6 +67,10 @@ class Nemotron3Block(_BlockBase):
         seq_idx: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if padding_mask is None and hidden_states.dim() == 3 and decode_ready(hidden_states, hidden_states.dtype):
+            fused = self.fused_decode_block(cache, hidden_states.dtype, attn_mask)  # the block in one kernel call
+            if fused is not None:
+                return fused(hidden_states)
         residual = hidden_states
         x = self.norm(hidden_states)
         if self.block_type == "mamba":
@@ -75,6 +80,22 @@ class Nemotron3Block(_BlockBase):
         else:
             x = self.mixer(x)
         return residual + x
+
+    def fused_decode_block(self, cache, dtype: torch.dtype, attn_mask: torch.Tensor | None = None):
+        """A function ``h -> self(h)`` for cached decode steps (one token per sequence, no padding, the CPU
+        kernels on) that runs the whole block in one kernel call, or None where that does not apply."""
+        if type(self.norm) is not Nemotron3RMSNorm:
+            return None
+        if self.block_type == "mamba":
+            return self.mixer.fused_decode_block(self.norm, cache, dtype)
+        if self.block_type == "attention":
+            return self.mixer.fused_decode_block(self.norm, cache, dtype, attn_mask)
+        if self.block_type == "moe":
+            return self.mixer.fused_decode_block(self.norm, dtype)
+        mlp = self.mixer
+        if type(mlp) is Nemotron3MLP and mlp.act is _relu2 and fits(dtype, mlp.up_proj, mlp.down_proj):
+            return mlp_block(self.norm, mlp)
+        return None
 
 
 __all__ = ["Nemotron3Block", "Nemotron3RMSNorm", "rms_norm_reference"]

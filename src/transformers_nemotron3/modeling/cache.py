@@ -28,17 +28,24 @@ class KVState:
         self.values: torch.Tensor | None = None
         self.length = 0
 
+    def reserve(self, need: int, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> None:
+        """Room for ``need`` tokens (buffers shaped like ``k`` / ``v``, or like the current ones), growing
+        geometrically and keeping what is filled."""
+        if self.keys is not None and need <= self.keys.shape[2]:
+            return
+        k = k if k is not None else self.keys
+        v = v if v is not None else self.values
+        cap = max(need, 2 * (self.keys.shape[2] if self.keys is not None else 0), 64)
+        keys = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
+        values = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
+        if self.keys is not None and self.length:
+            keys[:, :, : self.length] = self.keys[:, :, : self.length]
+            values[:, :, : self.length] = self.values[:, :, : self.length]
+        self.keys, self.values = keys, values
+
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        new = k.shape[2]
-        need = self.length + new
-        if self.keys is None or need > self.keys.shape[2]:
-            cap = max(need, 2 * (self.keys.shape[2] if self.keys is not None else 0), 64)
-            keys = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
-            values = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
-            if self.keys is not None and self.length:
-                keys[:, :, : self.length] = self.keys[:, :, : self.length]
-                values[:, :, : self.length] = self.values[:, :, : self.length]
-            self.keys, self.values = keys, values
+        need = self.length + k.shape[2]
+        self.reserve(need, k, v)
         self.keys[:, :, self.length : need] = k
         self.values[:, :, self.length : need] = v
         self.length = need
@@ -66,6 +73,14 @@ class Nemotron3HybridCache:
             elif kind == "attention":
                 self.layers[i] = KVState()
         self.seen_tokens = 0
+        # per model: (kernels, dtype, fused decode plan or None), see Nemotron3Model.fused_decode; bound to
+        # this cache's states, so copies and pickles of the cache start without them
+        self.decode_plans: dict = {}
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["decode_plans"] = {}
+        return state
 
     def get(self, layer_idx: int) -> MambaState | KVState | None:
         """The state of one layer (None for stateless MoE/MLP layers)."""

@@ -1,8 +1,10 @@
-"""Seam for optional fused CPU kernels on decode steps (few tokens, no autograd; float32, GEMMs also bfloat16).
+"""Seam for optional fused CPU kernels on few-token steps (no autograd; float32, GEMMs also bfloat16).
 
 ``ops`` is None unless the package's ``enable_cpu_kernels()`` plugged the compiled kernels
 in; every helper here then returns None (or runs ``F.linear``) so the model's PyTorch paths run.
-Copied with the modeling files into saved checkpoints, where ``ops`` simply stays None.
+These are the per-operation kernels (any few-token forward, e.g. speculative verification); whole
+decode steps go through `fused_decode`. Copied with the modeling files into saved checkpoints, where
+``ops`` simply stays None.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ MAX_ROWS = 16  # small_linear: at most this many input rows (beyond, MKL's GEMM 
 MAX_MOE_TOKENS = 32  # moe_relu2: at most this many tokens
 
 
-_GEMM_DTYPES = (torch.float32, torch.bfloat16)  # weights the few-row GEMMs stream (fp32 accumulation)
+GEMM_DTYPES = (torch.float32, torch.bfloat16)  # weights the few-row GEMMs stream (fp32 accumulation)
 
 
 def plain(*tensors: torch.Tensor, dtypes: tuple = (torch.float32,)) -> bool:
@@ -30,7 +32,7 @@ def plain(*tensors: torch.Tensor, dtypes: tuple = (torch.float32,)) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, through the few-row CPU kernel when enabled and applicable."""
     if (ops is not None and x.numel() <= MAX_ROWS * weight.shape[-1] and weight.is_contiguous()
-            and x.dtype == weight.dtype and plain(x, weight, dtypes=_GEMM_DTYPES)):
+            and x.dtype == weight.dtype and plain(x, weight, dtypes=GEMM_DTYPES)):
         return ops.small_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -40,6 +42,11 @@ class Nemotron3Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def kernel_ops():
+    """The kernels in use (``torch.ops.nemotron3_cpu``), or None when switched off."""
+    return ops
 
 
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor | None:
@@ -55,7 +62,7 @@ def fused_mamba_step(mixer, zxbcdt: torch.Tensor, A: torch.Tensor, state) -> tor
         return None
     conv_b = mixer.conv1d.bias
     params = [mixer.conv1d.weight, mixer.dt_bias, mixer.D, mixer.norm.weight, *([conv_b] if conv_b is not None else [])]
-    if not (zxbcdt.dtype == state.conv.dtype and plain(zxbcdt, state.conv, *params, dtypes=_GEMM_DTYPES)
+    if not (zxbcdt.dtype == state.conv.dtype and plain(zxbcdt, state.conv, *params, dtypes=GEMM_DTYPES)
             and plain(state.ssm)):
         return None
     lo, hi = mixer.time_step_limit
@@ -67,7 +74,7 @@ def fused_moe_relu2_applies(experts, x: torch.Tensor) -> bool:
     """Whether `fused_moe_relu2` can run these routed experts on these tokens."""
     return (ops is not None and experts.gate_proj is None and getattr(experts.act, "__name__", "") == "_relu2"
             and x.shape[0] <= MAX_MOE_TOKENS and x.dtype == experts.up_proj.dtype == experts.down_proj.dtype
-            and plain(x, experts.up_proj, experts.down_proj, dtypes=_GEMM_DTYPES))
+            and plain(x, experts.up_proj, experts.down_proj, dtypes=GEMM_DTYPES))
 
 
 def fused_moe_relu2(experts, x: torch.Tensor, weights: torch.Tensor, topk_idx: torch.Tensor,
@@ -76,4 +83,7 @@ def fused_moe_relu2(experts, x: torch.Tensor, weights: torch.Tensor, topk_idx: t
     return ops.moe_relu2(x, experts.up_proj, experts.down_proj, topk_idx, weights.float(), acc)
 
 
-__all__ = ["Nemotron3Linear", "linear", "plain", "fused_rms_norm", "fused_mamba_step", "fused_moe_relu2", "fused_moe_relu2_applies", "ops"]
+__all__ = [
+    "Nemotron3Linear", "linear", "plain", "kernel_ops", "fused_rms_norm", "fused_mamba_step", "fused_moe_relu2",
+    "fused_moe_relu2_applies", "ops", "MAX_ROWS", "MAX_MOE_TOKENS", "GEMM_DTYPES",
+]

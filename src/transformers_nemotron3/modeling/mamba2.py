@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fast_ops import Nemotron3Linear, fused_mamba_step
+from .fused_decode import fits, mamba_block
 from .norms import rms_norm
 from .ssd import ssd_chunked, ssd_step
 
@@ -259,6 +260,15 @@ class Nemotron3Mamba2Mixer(nn.Module):
         return y.reshape(b, length, self.intermediate_size)
 
     # ------------------------------------------------------------------ decode
+    def fused_decode_block(self, norm: nn.Module, cache, dtype: torch.dtype):
+        """A function ``h -> h + self(norm(h))`` for cached decode steps of one token per sequence, one CPU
+        kernel call each (`fast_ops.mamba_block`), or None where that does not apply."""
+        state = cache.get(self.layer_idx) if cache is not None else None
+        if (state is None or not state.has_previous or state.conv.dtype != dtype
+                or state.ssm.dtype != torch.float32 or not fits(dtype, self.in_proj, self.out_proj)):
+            return None
+        return mamba_block(norm, self, state)
+
     def _decode_normed(self, zxbcdt, A, state, dtype) -> torch.Tensor:
         """One token [b, 1, proj] -> the gated, normed input of ``out_proj``: the fused CPU kernel where it
         applies (enabled, no autograd, CPU), else `_decode_step` and the gated norm."""

@@ -17,7 +17,8 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .fast_ops import Nemotron3Linear
+from .fast_ops import Nemotron3Linear, kernel_ops
+from .fused_decode import DecodePlan, decode_ready, fits
 from .blocks import Nemotron3Block, Nemotron3RMSNorm
 from .cache import Nemotron3HybridCache
 from .checkpoint_io import CheckpointMixin
@@ -223,9 +224,13 @@ class Nemotron3Model(Nemotron3PreTrainedModel):
         cache = _pop_cache(kwargs, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if not output_hidden_states:
+            fused = self.fused_decode(input_ids, inputs_embeds, attention_mask, cache, seq_idx)
+            if fused is not None:
+                return self._output(fused[0], cache if use_cache else None, None)
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and cache is None:
             cache = Nemotron3HybridCache(self.config, inputs_embeds.shape[0], inputs_embeds.dtype, inputs_embeds.device)
         past = cache.seen_tokens if cache is not None else 0
@@ -242,15 +247,54 @@ class Nemotron3Model(Nemotron3PreTrainedModel):
             all_hidden.append(hidden)
         if cache is not None:
             cache.seen_tokens = past + inputs_embeds.shape[1]
+        return self._output(hidden, cache if use_cache else None, all_hidden)
+
+    def _output(self, hidden: torch.Tensor, cache, all_hidden: list | None) -> Nemotron3ModelOutput:
         moe = [layer.mixer for layer in self.layers if isinstance(layer.mixer, Nemotron3MoE)]
         aux = [m.last_aux_loss for m in moe if m.last_aux_loss is not None]
         return Nemotron3ModelOutput(
             last_hidden_state=hidden,
-            **{CACHE_FIELD: cache if use_cache else None},
+            **{CACHE_FIELD: cache},
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             router_logits=tuple(m.last_router_logits for m in moe) if moe else None,
             aux_loss=torch.stack(aux).sum() if aux else None,
         )
+
+    def fused_decode(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                     attention_mask: torch.Tensor | None, cache: Nemotron3HybridCache | None,
+                     seq_idx: torch.Tensor | None = None, lm_head: nn.Module | None = None):
+        """A cached decode step of one token per sequence through the CPU kernels in one call: (hidden after
+        the final norm, fp32 logits of ``lm_head`` or None); None where it does not apply (kernels off,
+        autograd, padding, a block the kernels do not cover, ...), and the modules run instead."""
+        x = input_ids if input_ids is not None else inputs_embeds
+        dtype = self.embeddings.weight.dtype if input_ids is not None else inputs_embeds.dtype
+        if (cache is None or not cache.seen_tokens or seq_idx is not None or self.training
+                or x.dim() != (2 if input_ids is not None else 3) or not decode_ready(x, dtype)
+                or (attention_mask is not None and not bool(attention_mask.all()))
+                or type(self.norm_f) is not Nemotron3RMSNorm
+                or (input_ids is not None and type(self.embeddings) is not nn.Embedding)
+                or (lm_head is not None and not fits(dtype, lm_head))):
+            return None
+        plan = self._decode_plan(cache, dtype)
+        if plan is None:
+            return None
+        if input_ids is not None:
+            out = plan.run(self.embeddings.weight, input_ids, self.norm_f, lm_head)
+        else:
+            out = plan.run(inputs_embeds, None, self.norm_f, lm_head)
+        cache.seen_tokens += 1
+        return out
+
+    def _decode_plan(self, cache: Nemotron3HybridCache, dtype: torch.dtype) -> DecodePlan | None:
+        """The fused decode plan of this cache (built at its first decode step and kept while the kernels and
+        dtype stay the same), or None when some block is not covered by the kernels."""
+        ops = kernel_ops()
+        entry = cache.decode_plans.get(self)
+        if entry is None or entry[0] is not ops or entry[1] != dtype:
+            blocks = [layer.fused_decode_block(cache, dtype) for layer in self.layers]
+            entry = (ops, dtype, DecodePlan(blocks) if all(b is not None for b in blocks) else None)
+            cache.decode_plans[self] = entry
+        return entry[2]
 
 
 class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
@@ -304,6 +348,16 @@ class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
     ) -> Nemotron3CausalLMOutput:
         """Logits for the kept positions; with ``labels`` the loss (labels are shifted inside, -100 ignored)."""
         cache = _pop_cache(kwargs, cache)
+        if (labels is None and not output_hidden_states and isinstance(logits_to_keep, int) and logits_to_keep <= 1
+                and (use_cache is not False)):
+            fused = self.backbone.fused_decode(input_ids, inputs_embeds, attention_mask, cache, seq_idx, self.lm_head)
+            if fused is not None:  # a decode step through the CPU kernels
+                hidden, logits = fused
+                router = None
+                if output_router_logits or self.config.output_router_logits:
+                    router = self.backbone._output(hidden, None, None).router_logits
+                return Nemotron3CausalLMOutput(logits=logits, **{CACHE_FIELD: cache}, router_logits=router,
+                                               last_hidden_state=hidden)
         out = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
             inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,

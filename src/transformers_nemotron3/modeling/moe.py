@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fast_ops import Nemotron3Linear, fused_moe_relu2, fused_moe_relu2_applies, linear
+from .fused_decode import SCORE_FUNCTIONS, fits, moe_block
 
 
 def activation(name: str):
@@ -260,6 +261,21 @@ class Nemotron3MoE(nn.Module):
         x_sorted, counts, ctx = self.dispatcher.dispatch(routed_in, topk_idx, self.num_experts)
         out = self.experts(x_sorted, counts)
         return self._finish(self.dispatcher.combine(out, weights, ctx, x.shape[0]), hidden_states)
+
+    def fused_decode_block(self, norm: nn.Module, dtype: torch.dtype):
+        """A function ``h -> h + self(norm(h))`` for decode steps of one token per sequence, one CPU kernel call
+        each (default router, dispatcher and GEMM, relu^2 experts at full width, relu^2 MLP or no shared
+        expert), or None."""
+        shared, gate, experts = self.shared_experts, self.gate, self.experts
+        if (self.training or self.fc1_latent_proj is not None or type(gate) is not Nemotron3Router
+                or gate.score_function not in SCORE_FUNCTIONS or not self.uses_default_paths()
+                or experts.gate_proj is not None or experts.act is not _relu2
+                or not (experts.up_proj.dtype == experts.down_proj.dtype == dtype)
+                or experts.up_proj.device.type != "cpu"
+                or (shared is not None and not (type(shared) is Nemotron3MLP and shared.act is _relu2
+                                                and fits(dtype, shared.up_proj, shared.down_proj)))):
+            return None
+        return moe_block(norm, self)
 
     def _finish(self, routed: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """Routed sum (float32, [T, width]) -> back to hidden width and dtype, plus the shared expert."""

@@ -1,0 +1,244 @@
+// Whole Nemotron 3 blocks for decode steps (one new token per sequence, batch <= 16, no autograd):
+// ``h + mixer(RMSNorm(h))`` in one call, for Mamba-2, attention and MoE blocks.
+//
+// Why: at batch 1 a decode step of a small model spends about as long in Python (module calls, argument
+// checks, dtype casts, a dozen small ATen ops per block) as in the kernels that stream the weights. Each op
+// here runs the block's kernels back to back, in the order and with the roundings of the PyTorch path
+// (RMSNorm in fp32 cast once to the model dtype, GEMM outputs rounded to bf16 in bf16 models, the router in
+// fp32 through the same ATen ops, the attention through ATen's sdpa), so results equal the module path up
+// to summation order; modeling_tests/test_cpu_kernels.py checks that block by block and for whole models.
+
+#include <torch/library.h>
+
+#include "decode_ops.h"
+
+namespace {
+
+using c10::optional;
+
+// h [b, 1, H] -> h + o (o: [b, H] or [b, 1, H]), in h's dtype as PyTorch's add rounds it
+at::Tensor residual(const at::Tensor& h, const at::Tensor& o) { return h + o.view(h.sizes()); }
+
+at::Tensor mamba_block(const at::Tensor& h, const at::Tensor& norm_w, double norm_eps, const at::Tensor& in_w,
+                       const optional<at::Tensor>& in_b, at::Tensor conv_state, const at::Tensor& conv_w,
+                       const optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A_log,
+                       const at::Tensor& D, at::Tensor ssm, const at::Tensor& gnorm_w, int64_t n_groups,
+                       double gnorm_eps, double dt_lo, double dt_hi, const at::Tensor& out_w,
+                       const optional<at::Tensor>& out_b) {
+  const at::Tensor x = nemotron3::rms_norm(h, norm_w, norm_eps, h.scalar_type());
+  const at::Tensor zxbcdt = nemotron3::small_linear(x, in_w, in_b, false);
+  const at::Tensor A = at::exp(A_log.to(at::kFloat)).neg_();  // -exp(A_log.float()), as the mixer computes it
+  const at::Tensor y = nemotron3::mamba_step(zxbcdt, conv_state, conv_w, conv_b, dt_bias, A, D, ssm, gnorm_w,
+                                             n_groups, gnorm_eps, dt_lo, dt_hi);
+  return residual(h, nemotron3::small_linear(y, out_w, out_b, false));
+}
+
+// keys / values [b, kv_heads, capacity, head_dim] with `length` filled; the new token's k / v go to column
+// `length` (the caller has made room and advances the length).
+at::Tensor attention_block(const at::Tensor& h, const at::Tensor& norm_w, double norm_eps, const at::Tensor& q_w,
+                           const optional<at::Tensor>& q_b, const at::Tensor& k_w, const optional<at::Tensor>& k_b,
+                           const at::Tensor& v_w, const optional<at::Tensor>& v_b, const at::Tensor& o_w,
+                           const optional<at::Tensor>& o_b, at::Tensor keys, at::Tensor values, int64_t length,
+                           int64_t num_heads, int64_t head_dim, double scale) {
+  const int64_t b = h.size(0), kv_heads = keys.size(1);
+  TORCH_CHECK(h.dim() == 3 && h.size(1) == 1, "nemotron3_cpu.attention_block: one token per sequence");
+  TORCH_CHECK(keys.size(0) == b && keys.size(3) == head_dim && length < keys.size(2) &&
+                  values.sizes() == keys.sizes(), "nemotron3_cpu.attention_block: the key/value buffers do not fit");
+  const at::Tensor x = nemotron3::rms_norm(h, norm_w, norm_eps, h.scalar_type());
+  const at::Tensor q = nemotron3::small_linear(x, q_w, q_b, false).view({b, 1, num_heads, head_dim}).transpose(1, 2);
+  const at::Tensor k = nemotron3::small_linear(x, k_w, k_b, false).view({b, 1, kv_heads, head_dim}).transpose(1, 2);
+  const at::Tensor v = nemotron3::small_linear(x, v_w, v_b, false).view({b, 1, kv_heads, head_dim}).transpose(1, 2);
+  keys.narrow(2, length, 1).copy_(k);
+  values.narrow(2, length, 1).copy_(v);
+  const at::Tensor out = at::scaled_dot_product_attention(q, keys.narrow(2, 0, length + 1),
+                                                          values.narrow(2, 0, length + 1), {}, 0.0, false, scale,
+                                                          num_heads != kv_heads);
+  return residual(h, nemotron3::small_linear(out.transpose(1, 2).reshape({b, 1, -1}), o_w, o_b, false));
+}
+
+enum ScoreFunction : int64_t { kSigmoid = 0, kSoftmax = 1, kTopkSoftmax = 2 };
+
+// Returns (h + moe(RMSNorm(h)), router logits [T, E] fp32). Non-gated relu^2 experts, full-width routing
+// (no latent projections), shared expert relu^2 MLP or none (undefined weights). The router follows
+// Nemotron3Router op for op: scores, + correction bias for the choice, group-limited top-k, gather,
+// normalise, scale.
+std::tuple<at::Tensor, at::Tensor> moe_block(
+    const at::Tensor& h, const at::Tensor& norm_w, double norm_eps, const at::Tensor& router_w,
+    const at::Tensor& correction_bias, int64_t score_function, int64_t top_k, int64_t n_group, int64_t topk_group,
+    bool norm_topk_prob, double scaling, const optional<at::Tensor>& shared_up_w,
+    const optional<at::Tensor>& shared_up_b, const optional<at::Tensor>& shared_down_w,
+    const optional<at::Tensor>& shared_down_b, const at::Tensor& up, const at::Tensor& down) {
+  const int64_t width = h.size(-1);
+  const at::Tensor x = nemotron3::rms_norm(h, norm_w, norm_eps, h.scalar_type()).view({-1, width});
+  const int64_t tokens = x.size(0), experts = router_w.size(0);
+  const at::Tensor logits = nemotron3::linear_f32(x, router_w);
+  at::Tensor scores = score_function == kSigmoid ? logits.sigmoid()
+                      : score_function == kSoftmax ? logits.softmax(-1)
+                                                   : logits;
+  at::Tensor choice = scores + correction_bias.to(at::kFloat);
+  if (n_group > 1) {
+    const at::Tensor grouped = choice.view({-1, n_group, experts / n_group});
+    const at::Tensor group_scores = std::get<0>(grouped.topk(2, -1)).sum(-1);
+    at::Tensor keep = at::zeros_like(group_scores, group_scores.options().dtype(at::kBool));
+    keep.scatter_(1, std::get<1>(group_scores.topk(topk_group, -1, true, false)), true);
+    choice = grouped.masked_fill(keep.unsqueeze(-1).logical_not(), -std::numeric_limits<double>::infinity())
+                 .view({-1, experts});
+  }
+  const at::Tensor topk_idx = std::get<1>(choice.topk(top_k, -1, true, false));
+  at::Tensor weights = scores.gather(1, topk_idx);
+  if (score_function == kTopkSoftmax)
+    weights = weights.softmax(-1);
+  else if (norm_topk_prob)
+    weights = weights / (weights.sum(-1, true) + 1e-20);
+  weights = weights * scaling;
+
+  const bool shared = shared_up_w.has_value() && shared_up_w->defined();
+  at::Tensor out;
+  if (h.scalar_type() == at::kFloat && shared) {  // fp32: the routed sum goes straight into the shared output
+    at::Tensor acc = nemotron3::small_linear(nemotron3::small_linear(x, *shared_up_w, shared_up_b, true),
+                                             *shared_down_w, shared_down_b, false).contiguous();
+    out = nemotron3::moe_relu2(x, up, down, topk_idx, weights, acc);
+  } else {  // bf16: the routed sum in fp32, cast, plus the shared expert's bf16 output (as the module adds them)
+    at::Tensor acc = at::zeros({tokens, width}, x.options().dtype(at::kFloat));
+    out = nemotron3::moe_relu2(x, up, down, topk_idx, weights, acc).to(h.scalar_type());
+    if (shared)
+      out = out + nemotron3::small_linear(nemotron3::small_linear(x, *shared_up_w, shared_up_b, true),
+                                          *shared_down_w, shared_down_b, false);
+  }
+  return {residual(h, out), logits};
+}
+
+// h + down(relu2(up(RMSNorm(h)))): a dense MLP block (`-` layers)
+at::Tensor mlp_block(const at::Tensor& h, const at::Tensor& norm_w, double norm_eps, const at::Tensor& up_w,
+                     const optional<at::Tensor>& up_b, const at::Tensor& down_w, const optional<at::Tensor>& down_b) {
+  const at::Tensor x = nemotron3::rms_norm(h, norm_w, norm_eps, h.scalar_type());
+  return residual(h, nemotron3::small_linear(nemotron3::small_linear(x, up_w, up_b, true), down_w, down_b, false));
+}
+
+// Reads a decode plan's flat argument lists in order (layout: see decode_step below).
+struct Cursor {
+  const c10::List<optional<at::Tensor>>& tensors;
+  at::ArrayRef<double> floats;
+  at::ArrayRef<int64_t> ints;
+  const c10::List<at::Tensor>& states;
+  size_t t = 0, f = 0, i = 0, s = 0;
+  optional<at::Tensor> opt() {
+    TORCH_CHECK(t < tensors.size(), "nemotron3_cpu.decode_step: the plan has too few tensors");
+    return tensors.get(t++);
+  }
+  at::Tensor req() {
+    optional<at::Tensor> v = opt();
+    TORCH_CHECK(v.has_value() && v->defined(), "nemotron3_cpu.decode_step: a required plan tensor is None");
+    return *v;
+  }
+  double flt() {
+    TORCH_CHECK(f < floats.size(), "nemotron3_cpu.decode_step: the plan has too few floats");
+    return floats[f++];
+  }
+  int64_t integer() {
+    TORCH_CHECK(i < ints.size(), "nemotron3_cpu.decode_step: the plan has too few ints");
+    return ints[i++];
+  }
+  at::Tensor state() {
+    TORCH_CHECK(s < states.size(), "nemotron3_cpu.decode_step: too few cache states");
+    return states.get(s++);
+  }
+};
+
+enum BlockKind : int64_t { kMamba = 0, kAttention = 1, kMoE = 2, kMLP = 3 };
+
+// One decode step (one token per sequence) through a run of blocks, then optionally the final norm and the
+// LM head. `kinds` names each block; the blocks' arguments follow one another in `tensors` / `floats` / `ints`:
+//   Mamba-2:   tensors norm_w in_w in_b conv_w conv_b dt_bias A_log D gnorm_w out_w out_b;
+//              floats norm_eps gnorm_eps dt_lo dt_hi; ints n_groups; states conv ssm
+//   attention: tensors norm_w q_w q_b k_w k_b v_w v_b o_w o_b; floats norm_eps scale;
+//              ints num_heads head_dim; states keys values (room for one more column), kv_lengths[j]
+//   MoE:       tensors norm_w router_w correction_bias shared_up_w shared_up_b shared_down_w shared_down_b
+//              up down; floats norm_eps scaling; ints score_function top_k n_group topk_group norm_topk_prob
+//   MLP:       tensors norm_w up_w up_b down_w down_b; floats norm_eps (relu^2)
+// `h` is the input hidden state [b, 1, H], or with `input_ids` [b, 1] given, the embedding matrix to look them
+// up in. Returns (hidden [b, 1, H] after the last block or after the final norm, [logits [b, 1, V] fp32] when
+// lm_w is given, router logits of the MoE blocks).
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_step(
+    const at::Tensor& h_or_embeddings, const optional<at::Tensor>& input_ids, at::IntArrayRef kinds,
+    const c10::List<optional<at::Tensor>>& tensors, at::ArrayRef<double> floats, at::IntArrayRef ints,
+    const c10::List<at::Tensor>& states, at::IntArrayRef kv_lengths, const optional<at::Tensor>& final_norm_w,
+    double final_eps, const optional<at::Tensor>& lm_w) {
+  at::Tensor h = h_or_embeddings;
+  if (input_ids.has_value() && input_ids->defined()) {
+    TORCH_CHECK(input_ids->dim() == 2 && input_ids->size(1) == 1, "nemotron3_cpu.decode_step: input_ids must be [b, 1]");
+    h = h_or_embeddings.index_select(0, input_ids->reshape({-1})).view({input_ids->size(0), 1, -1});
+  }
+  Cursor c{tensors, floats, ints, states};
+  std::vector<at::Tensor> router_logits;
+  size_t kv = 0;
+  for (const int64_t kind : kinds) {
+    if (kind == kMamba) {
+      const at::Tensor norm_w = c.req(), in_w = c.req();
+      const optional<at::Tensor> in_b = c.opt();
+      const at::Tensor conv_w = c.req();
+      const optional<at::Tensor> conv_b = c.opt();
+      const at::Tensor dt_bias = c.req(), A_log = c.req(), D = c.req(), gnorm_w = c.req(), out_w = c.req();
+      const optional<at::Tensor> out_b = c.opt();
+      const double norm_eps = c.flt(), gnorm_eps = c.flt(), lo = c.flt(), hi = c.flt();
+      const at::Tensor conv = c.state(), ssm = c.state();
+      h = mamba_block(h, norm_w, norm_eps, in_w, in_b, conv, conv_w, conv_b, dt_bias, A_log, D, ssm, gnorm_w,
+                      c.integer(), gnorm_eps, lo, hi, out_w, out_b);
+    } else if (kind == kAttention) {
+      const at::Tensor norm_w = c.req(), q_w = c.req();
+      const optional<at::Tensor> q_b = c.opt();
+      const at::Tensor k_w = c.req();
+      const optional<at::Tensor> k_b = c.opt();
+      const at::Tensor v_w = c.req();
+      const optional<at::Tensor> v_b = c.opt();
+      const at::Tensor o_w = c.req();
+      const optional<at::Tensor> o_b = c.opt();
+      const double norm_eps = c.flt(), scale = c.flt();
+      const int64_t heads = c.integer(), head_dim = c.integer();
+      const at::Tensor keys = c.state(), values = c.state();
+      TORCH_CHECK(kv < kv_lengths.size(), "nemotron3_cpu.decode_step: too few kv_lengths");
+      h = attention_block(h, norm_w, norm_eps, q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, keys, values, kv_lengths[kv++],
+                          heads, head_dim, scale);
+    } else if (kind == kMoE) {
+      const at::Tensor norm_w = c.req(), router_w = c.req(), bias = c.req();
+      const optional<at::Tensor> su_w = c.opt(), su_b = c.opt(), sd_w = c.opt(), sd_b = c.opt();
+      const at::Tensor up = c.req(), down = c.req();
+      const double norm_eps = c.flt(), scaling = c.flt();
+      const int64_t score = c.integer(), top_k = c.integer(), n_group = c.integer(), topk_group = c.integer();
+      const bool norm_topk = c.integer() != 0;
+      auto out = moe_block(h, norm_w, norm_eps, router_w, bias, score, top_k, n_group, topk_group, norm_topk, scaling,
+                           su_w, su_b, sd_w, sd_b, up, down);
+      h = std::get<0>(out);
+      router_logits.push_back(std::get<1>(out));
+    } else if (kind == kMLP) {
+      const at::Tensor norm_w = c.req(), up_w = c.req();
+      const optional<at::Tensor> up_b = c.opt();
+      const at::Tensor down_w = c.req();
+      const optional<at::Tensor> down_b = c.opt();
+      h = mlp_block(h, norm_w, c.flt(), up_w, up_b, down_w, down_b);
+    } else {
+      TORCH_CHECK(false, "nemotron3_cpu.decode_step: unknown block kind ", kind);
+    }
+  }
+  TORCH_CHECK(c.t == tensors.size() && c.f == floats.size() && c.i == ints.size() && c.s == states.size() &&
+                  kv == kv_lengths.size(), "nemotron3_cpu.decode_step: the plan has arguments left over");
+  std::vector<at::Tensor> logits;
+  if (final_norm_w.has_value() && final_norm_w->defined()) {
+    h = nemotron3::rms_norm(h, *final_norm_w, final_eps, h.scalar_type());
+    if (lm_w.has_value() && lm_w->defined())
+      logits.push_back(nemotron3::small_linear(h, *lm_w, {}, false).to(at::kFloat));
+  }
+  return {h, logits, router_logits};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(nemotron3_cpu, m) {
+  m.def("decode_step(Tensor h_or_embeddings, Tensor? input_ids, int[] kinds, Tensor?[] tensors, float[] floats, "
+        "int[] ints, Tensor(a!)[] states, int[] kv_lengths, Tensor? final_norm_w, float final_eps, Tensor? lm_w) "
+        "-> (Tensor, Tensor[], Tensor[])");
+}
+
+TORCH_LIBRARY_IMPL(nemotron3_cpu, CPU, m) {
+  m.impl("decode_step", decode_step);
+}

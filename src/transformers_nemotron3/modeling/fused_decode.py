@@ -1,0 +1,134 @@
+"""Whole decode steps through the CPU kernels: one ``nemotron3_cpu.decode_step`` call per token.
+
+At batch 1 a decode step of a small model spends about as long in Python and in small ATen ops (module
+calls, argument checks, casts, a dozen ops per block, each starting with cold caches after the weights
+streamed through) as in the kernels. A `DecodePlan` binds a model's parameters once per cache and hands
+them, with the cache's current states, to one C++ call that runs the embedding lookup, every block, the
+final norm and the LM head (cpu_kernels/decode_blocks.cpp, same order and roundings as the modules).
+
+Blocks the kernels cover (each builder's caller checks its conditions): Mamba-2; plain sdpa attention
+(no mask, RoPE or q/k norm); MoE with the default router, dispatcher and GEMM, non-gated relu^2 experts
+at full width and a relu^2 or no shared expert; dense relu^2 MLP. Anything else runs its module.
+Copied with the modeling files into saved checkpoints, where the kernels are never on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .fast_ops import GEMM_DTYPES, MAX_ROWS, Nemotron3Linear, kernel_ops
+
+
+def decode_ready(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a decode step may run through the fused block kernels: kernels on, no autograd or autocast, one
+    token per sequence (``x`` is [b, 1] ids or [b, 1, hidden] states, on CPU), at most ``MAX_ROWS`` sequences,
+    model ``dtype`` float32 or bfloat16."""
+    return (kernel_ops() is not None and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and dtype in GEMM_DTYPES and x.shape[1] == 1 and x.shape[0] <= MAX_ROWS and not torch.is_autocast_enabled("cpu"))
+
+
+def fits(dtype: torch.dtype, *linears: nn.Module) -> bool:
+    """``linears`` are plain `Nemotron3Linear` (not LoRA-wrapped or converted) with CPU weights of ``dtype``."""
+    for m in linears:
+        if type(m) is not Nemotron3Linear or m.weight.dtype != dtype or m.weight.device.type != "cpu":
+            return False
+    return True
+
+
+class FusedBlock:
+    """One block's part of a decode plan: what ``nemotron3_cpu.decode_step`` needs to run ``h + mixer(norm(h))``
+    for one token per sequence (argument layout in cpu_kernels/decode_blocks.cpp). Parameters are bound when
+    it is built; cache states are read at every step (rollback, beam reordering and growth replace them)."""
+
+    __slots__ = ("kind", "tensors", "floats", "ints", "state", "moe")
+    MAMBA, ATTENTION, MOE, MLP = 0, 1, 2, 3
+
+    def __init__(self, kind: int, tensors: list, floats: list, ints: list, state=None, moe=None) -> None:
+        self.kind, self.tensors, self.floats, self.ints, self.state, self.moe = kind, tensors, floats, ints, state, moe
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        """Run this block alone on ``h`` [b, 1, hidden]."""
+        return DecodePlan([self]).run(h)[0]
+
+
+def mamba_block(norm: nn.Module, mixer: nn.Module, state) -> FusedBlock:
+    """A Mamba-2 block; ``state`` is the layer's `MambaState`."""
+    lo, hi = mixer.time_step_limit
+    return FusedBlock(FusedBlock.MAMBA, [
+        norm.weight, mixer.in_proj.weight, mixer.in_proj.bias, mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias,
+        mixer.A_log, mixer.D, mixer.norm.weight, mixer.out_proj.weight, mixer.out_proj.bias,
+    ], [float(norm.eps), float(mixer.norm.eps), float(lo), float(hi)], [int(mixer.n_groups)], state=state)
+
+
+def attention_block(norm: nn.Module, attn: nn.Module, state) -> FusedBlock:
+    """An attention block (plain sdpa, no mask); ``state`` is the layer's `KVState`, one longer per step."""
+    return FusedBlock(FusedBlock.ATTENTION, [
+        norm.weight, attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight, attn.k_proj.bias, attn.v_proj.weight,
+        attn.v_proj.bias, attn.o_proj.weight, attn.o_proj.bias,
+    ], [float(norm.eps), float(attn.scaling)], [int(attn.num_heads), int(attn.head_dim)], state=state)
+
+
+SCORE_FUNCTIONS = {"sigmoid": 0, "softmax": 1, "topk_softmax": 2}  # decode_step's router score codes
+
+
+def moe_block(norm: nn.Module, moe: nn.Module) -> FusedBlock:
+    """A MoE block; each step sets ``moe.last_router_logits`` as its forward does."""
+    gate, shared, experts = moe.gate, moe.shared_experts, moe.experts
+    shared_args = ([shared.up_proj.weight, shared.up_proj.bias, shared.down_proj.weight, shared.down_proj.bias]
+                   if shared is not None else [None, None, None, None])
+    return FusedBlock(FusedBlock.MOE, [
+        norm.weight, gate.weight, gate.e_score_correction_bias, *shared_args, experts.up_proj, experts.down_proj,
+    ], [float(norm.eps), float(gate.scaling)], [
+        SCORE_FUNCTIONS[gate.score_function], int(gate.top_k), int(gate.n_group), int(gate.topk_group),
+        int(bool(gate.norm_topk_prob)),
+    ], moe=moe)
+
+
+def mlp_block(norm: nn.Module, mlp: nn.Module) -> FusedBlock:
+    """A dense relu^2 MLP block."""
+    return FusedBlock(FusedBlock.MLP, [norm.weight, mlp.up_proj.weight, mlp.up_proj.bias, mlp.down_proj.weight,
+                                       mlp.down_proj.bias], [float(norm.eps)], [])
+
+
+class DecodePlan:
+    """Fused blocks run back to back by one ``nemotron3_cpu.decode_step`` call per decode step."""
+
+    def __init__(self, blocks: list[FusedBlock]) -> None:
+        self.op = kernel_ops().decode_step.default
+        self.kinds = [b.kind for b in blocks]
+        self.tensors = [t for b in blocks for t in b.tensors]
+        self.floats = [f for b in blocks for f in b.floats]
+        self.ints = [i for b in blocks for i in b.ints]
+        self.stateful = [(b.kind == FusedBlock.MAMBA, b.state) for b in blocks if b.state is not None]
+        self.kv = [b.state for b in blocks if b.kind == FusedBlock.ATTENTION]
+        self.moe_attrs = [b.moe.__dict__ for b in blocks if b.kind == FusedBlock.MOE]
+        for b in blocks:
+            if b.moe is not None:
+                b.moe.last_aux_loss = None
+
+    def run(self, h: torch.Tensor, input_ids: torch.Tensor | None = None, final_norm: nn.Module | None = None,
+            lm_head: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One step: ``h`` [b, 1, hidden] (or, with ``input_ids`` [b, 1], the embedding matrix) -> (hidden after
+        the blocks, or after ``final_norm``; fp32 logits of ``lm_head`` or None)."""
+        states, lengths = [], []
+        for is_mamba, st in self.stateful:  # in layer order, as the op reads them
+            if is_mamba:
+                states += (st.conv, st.ssm)
+            else:
+                st.reserve(st.length + 1)  # room for this step's key/value (may move the buffers)
+                states += (st.keys, st.values)
+                lengths.append(st.length)
+        out, logits, routers = self.op(h, input_ids, self.kinds, self.tensors, self.floats, self.ints, states, lengths,
+                                       final_norm.weight if final_norm is not None else None,
+                                       float(final_norm.eps) if final_norm is not None else 0.0,
+                                       lm_head.weight if lm_head is not None else None)
+        for st in self.kv:
+            st.length += 1
+        for attrs, r in zip(self.moe_attrs, routers):
+            attrs["last_router_logits"] = r  # a plain attribute: skip nn.Module.__setattr__ on the hot path
+        return out, (logits[0] if logits else None)
+
+
+__all__ = ["decode_ready", "fits", "FusedBlock", "DecodePlan", "mamba_block", "attention_block", "moe_block",
+           "mlp_block", "SCORE_FUNCTIONS"]
