@@ -11,13 +11,15 @@
 #include <torch/library.h>
 
 #include "decode_ops.h"
+#include "gemm.h"
 
 namespace {
 
+using bf16 = c10::BFloat16;
 using c10::optional;
 
 // h [b, 1, H] -> h + o (o: [b, H] or [b, 1, H]), in h's dtype as PyTorch's add rounds it
-at::Tensor residual(const at::Tensor& h, const at::Tensor& o) { return h + o.view(h.sizes()); }
+at::Tensor residual(const at::Tensor& h, const at::Tensor& o) { return nemotron3::add(h, o); }
 
 at::Tensor mamba_block(const at::Tensor& h, const at::Tensor& norm_w, double norm_eps, const at::Tensor& in_w,
                        const optional<at::Tensor>& in_b, at::Tensor conv_state, const at::Tensor& conv_w,
@@ -27,8 +29,12 @@ at::Tensor mamba_block(const at::Tensor& h, const at::Tensor& norm_w, double nor
                        const optional<at::Tensor>& out_b) {
   const at::Tensor x = nemotron3::rms_norm(h, norm_w, norm_eps, h.scalar_type());
   const at::Tensor zxbcdt = nemotron3::small_linear(x, in_w, in_b, false);
-  const at::Tensor A = at::exp(A_log.to(at::kFloat)).neg_();  // -exp(A_log.float()), as the mixer computes it
-  const at::Tensor y = nemotron3::mamba_step(zxbcdt, conv_state, conv_w, conv_b, dt_bias, A, D, ssm, gnorm_w,
+  const nemotron3::Floats a_log(A_log);
+  std::vector<float> A(A_log.numel());  // -exp(A_log.float()), as the mixer computes it
+  for (size_t i = 0; i < A.size(); ++i) A[i] = -std::exp(a_log.get()[i]);
+  TORCH_CHECK(static_cast<int64_t>(A.size()) == ssm.size(1), "nemotron3_cpu.decode_step: A_log has ", A.size(),
+              " entries for ", ssm.size(1), " heads");
+  const at::Tensor y = nemotron3::mamba_step(zxbcdt, conv_state, conv_w, conv_b, dt_bias, A.data(), D, ssm, gnorm_w,
                                              n_groups, gnorm_eps, dt_lo, dt_hi);
   return residual(h, nemotron3::small_linear(y, out_w, out_b, false));
 }
@@ -56,12 +62,9 @@ at::Tensor attention_block(const at::Tensor& h, const at::Tensor& norm_w, double
   return residual(h, nemotron3::small_linear(out.transpose(1, 2).reshape({b, 1, -1}), o_w, o_b, false));
 }
 
-enum ScoreFunction : int64_t { kSigmoid = 0, kSoftmax = 1, kTopkSoftmax = 2 };
-
 // Returns (h + moe(RMSNorm(h)), router logits [T, E] fp32). Non-gated relu^2 experts, full-width routing
 // (no latent projections), shared expert relu^2 MLP or none (undefined weights). The router follows
-// Nemotron3Router op for op: scores, + correction bias for the choice, group-limited top-k, gather,
-// normalise, scale.
+// Nemotron3Router step for step (nemotron3::route).
 std::tuple<at::Tensor, at::Tensor> moe_block(
     const at::Tensor& h, const at::Tensor& norm_w, double norm_eps, const at::Tensor& router_w,
     const at::Tensor& correction_bias, int64_t score_function, int64_t top_k, int64_t n_group, int64_t topk_group,
@@ -70,42 +73,37 @@ std::tuple<at::Tensor, at::Tensor> moe_block(
     const optional<at::Tensor>& shared_down_b, const at::Tensor& up, const at::Tensor& down) {
   const int64_t width = h.size(-1);
   const at::Tensor x = nemotron3::rms_norm(h, norm_w, norm_eps, h.scalar_type()).view({-1, width});
-  const int64_t tokens = x.size(0), experts = router_w.size(0);
+  const int64_t tokens = x.size(0);
   const at::Tensor logits = nemotron3::linear_f32(x, router_w);
-  at::Tensor scores = score_function == kSigmoid ? logits.sigmoid()
-                      : score_function == kSoftmax ? logits.softmax(-1)
-                                                   : logits;
-  at::Tensor choice = scores + correction_bias.to(at::kFloat);
-  if (n_group > 1) {
-    const at::Tensor grouped = choice.view({-1, n_group, experts / n_group});
-    const at::Tensor group_scores = std::get<0>(grouped.topk(2, -1)).sum(-1);
-    at::Tensor keep = at::zeros_like(group_scores, group_scores.options().dtype(at::kBool));
-    keep.scatter_(1, std::get<1>(group_scores.topk(topk_group, -1, true, false)), true);
-    choice = grouped.masked_fill(keep.unsqueeze(-1).logical_not(), -std::numeric_limits<double>::infinity())
-                 .view({-1, experts});
-  }
-  const at::Tensor topk_idx = std::get<1>(choice.topk(top_k, -1, true, false));
-  at::Tensor weights = scores.gather(1, topk_idx);
-  if (score_function == kTopkSoftmax)
-    weights = weights.softmax(-1);
-  else if (norm_topk_prob)
-    weights = weights / (weights.sum(-1, true) + 1e-20);
-  weights = weights * scaling;
-
+  at::Tensor topk_idx, weights;
+  nemotron3::route(logits, correction_bias, score_function, top_k, n_group, topk_group, norm_topk_prob, scaling,
+                   topk_idx, weights);
   const bool shared = shared_up_w.has_value() && shared_up_w->defined();
-  at::Tensor out;
-  if (h.scalar_type() == at::kFloat && shared) {  // fp32: the routed sum goes straight into the shared output
-    at::Tensor acc = nemotron3::small_linear(nemotron3::small_linear(x, *shared_up_w, shared_up_b, true),
-                                             *shared_down_w, shared_down_b, false).contiguous();
-    out = nemotron3::moe_relu2(x, up, down, topk_idx, weights, acc);
-  } else {  // bf16: the routed sum in fp32, cast, plus the shared expert's bf16 output (as the module adds them)
-    at::Tensor acc = at::zeros({tokens, width}, x.options().dtype(at::kFloat));
-    out = nemotron3::moe_relu2(x, up, down, topk_idx, weights, acc).to(h.scalar_type());
-    if (shared)
-      out = out + nemotron3::small_linear(nemotron3::small_linear(x, *shared_up_w, shared_up_b, true),
-                                          *shared_down_w, shared_down_b, false);
+  auto shared_expert = [&] {
+    return nemotron3::small_linear(nemotron3::small_linear(x, *shared_up_w, shared_up_b, true), *shared_down_w,
+                                   shared_down_b, false);
+  };
+  if (h.scalar_type() == at::kFloat) {  // fp32: the routed sum goes straight into the shared expert's output
+    at::Tensor acc = shared ? shared_expert().contiguous() : at::zeros({tokens, width}, x.options());
+    return {residual(h, nemotron3::moe_relu2(x, up, down, topk_idx, weights, acc)), logits};
   }
-  return {residual(h, out), logits};
+  // bf16, as the module adds: routed sum (fp32) cast to bf16, + the shared expert's bf16 output, + h
+  TORCH_CHECK(h.scalar_type() == at::kBFloat16, "nemotron3_cpu.decode_step: float32 or bfloat16 only");
+  const at::Tensor acc = nemotron3::moe_relu2(x, up, down, topk_idx, weights,
+                                              at::zeros({tokens, width}, x.options().dtype(at::kFloat)));
+  at::Tensor out = at::empty(h.sizes(), h.options());
+  const at::Tensor sh = shared ? shared_expert().contiguous() : at::Tensor();
+  const at::Tensor hc = h.contiguous();
+  const float* ap = acc.data_ptr<float>();
+  const bf16* hp = hc.data_ptr<bf16>();
+  const bf16* sp = shared ? sh.data_ptr<bf16>() : nullptr;
+  bf16* op = out.data_ptr<bf16>();
+  for (int64_t i = 0; i < tokens * width; ++i) {
+    float m = static_cast<float>(bf16(ap[i]));
+    if (sp) m = static_cast<float>(bf16(m + static_cast<float>(sp[i])));
+    op[i] = bf16(static_cast<float>(hp[i]) + m);
+  }
+  return {out, logits};
 }
 
 // h + down(relu2(up(RMSNorm(h)))): a dense MLP block (`-` layers)

@@ -12,6 +12,8 @@
 
 #include <torch/library.h>
 
+#include <limits>
+
 #include "decode_ops.h"
 #include "gemm.h"
 
@@ -32,30 +34,23 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const c10
   const bool bf = weight.scalar_type() == at::kBFloat16;
   const at::Tensor x2 = x.reshape({-1, I}).to(bf && NEMOTRON3_DPBF16 ? at::kBFloat16 : at::kFloat).contiguous();
   const int64_t M = x2.size(0);
-  const float* bp = nullptr;
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    b = bias->to(at::kFloat).contiguous();
-    bp = b.data_ptr<float>();
-  }
+  const Floats b(bias);
   auto sizes = x.sizes().vec();
   sizes.back() = O;
-  at::Tensor y = at::empty({M, O}, x2.options().dtype(at::kFloat));
-  float* yp = y.data_ptr<float>();
-  auto run = [&](const auto* xp, const auto* wp) {
+  at::Tensor y = at::empty(sizes, x.options());  // bf16 results are rounded in the kernel and stored as bf16
+  auto run = [&](const auto* xp, const auto* wp, auto* yp) {
     at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
       if (relu2)
-        rows_any<true>(xp, I, M, wp, I, o0, o1, yp, O, bp);
+        rows_any<true>(xp, I, M, wp, I, o0, o1, yp, O, b.get());
       else
-        rows_any<false>(xp, I, M, wp, I, o0, o1, yp, O, bp);
+        rows_any<false>(xp, I, M, wp, I, o0, o1, yp, O, b.get());
     });
   };
-  if (bf) {
-    run(x2.data_ptr<act_t<bf16>>(), weight.data_ptr<bf16>());
-    return y.to(at::kBFloat16).view(sizes);
-  }
-  run(x2.data_ptr<float>(), weight.data_ptr<float>());
-  return y.view(sizes);
+  if (bf)
+    run(x2.data_ptr<act_t<bf16>>(), weight.data_ptr<bf16>(), y.data_ptr<bf16>());
+  else
+    run(x2.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>());
+  return y;
 }
 
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight) {
@@ -69,7 +64,7 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight) {
   const float* xp = x2.data_ptr<float>();
   at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
     if (weight.scalar_type() == at::kBFloat16)
-      rows_any<false, float, bf16, false>(xp, I, M, weight.data_ptr<bf16>(), I, o0, o1, yp, O, nullptr);
+      rows_any<false, float, bf16, float, false>(xp, I, M, weight.data_ptr<bf16>(), I, o0, o1, yp, O, nullptr);
     else
       rows_any<false>(xp, I, M, weight.data_ptr<float>(), I, o0, o1, yp, O, nullptr);
   });
@@ -184,31 +179,24 @@ void moe_relu2_impl(const at::Tensor& x, const at::Tensor& up, const at::Tensor&
 // bias add and SiLU are rounded to bf16 as the PyTorch step does; everything after runs in fp32 there too.
 template <typename T>
 at::Tensor mamba_step_impl(const at::Tensor& zxbcdt, at::Tensor& conv_state, const at::Tensor& conv_w,
-                           const c10::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,
+                           const c10::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const float* Ap,
                            const at::Tensor& D, at::Tensor& ssm, const at::Tensor& norm_w, int64_t n_groups, double eps,
                            double dt_lo, double dt_hi) {
   const int64_t B = ssm.size(0), Hh = ssm.size(1), P = ssm.size(2), N = ssm.size(3);
   const int64_t d_inner = Hh * P, C = conv_state.size(1), K = conv_state.size(2), G = n_groups;
   TORCH_CHECK(C == d_inner + 2 * G * N && zxbcdt.size(-1) == d_inner + C + Hh && Hh % G == 0,
               "nemotron3_cpu.mamba_step: shapes do not match (conv_dim ", C, ", heads ", Hh, ", groups ", G, ")");
+  TORCH_CHECK(conv_w.numel() == C * K, "nemotron3_cpu.mamba_step: conv weight has ", conv_w.numel(), " elements");
   const at::Tensor in = zxbcdt.reshape({B, -1}).contiguous();
-  const at::Tensor w = conv_w.reshape({C, K}).to(at::kFloat).contiguous();
-  at::Tensor cb;
-  const float* cbp = nullptr;
-  if (conv_b.has_value() && conv_b->defined()) {
-    cb = conv_b->to(at::kFloat).contiguous();
-    cbp = cb.data_ptr<float>();
-  }
-  const at::Tensor dtb = dt_bias.to(at::kFloat).contiguous(), Ac = A.to(at::kFloat).contiguous();
-  const at::Tensor Dc = D.to(at::kFloat).contiguous(), nw = norm_w.to(at::kFloat).contiguous();
+  const Floats w(conv_w), cb(conv_b), dtb(dt_bias), Dc(D), nw(norm_w);
   at::Tensor out = at::empty({B, d_inner}, zxbcdt.options());
   const int64_t row = in.size(1), heads_per_group = Hh / G, group_width = heads_per_group * P;
   const T* inp = in.data_ptr<T>();
-  const float* wp = w.data_ptr<float>();
-  const float* dtbp = dtb.data_ptr<float>();
-  const float* Ap = Ac.data_ptr<float>();
-  const float* Dp = Dc.data_ptr<float>();
-  const float* nwp = nw.data_ptr<float>();
+  const float* wp = w.get();
+  const float* cbp = cb.get();
+  const float* dtbp = dtb.get();
+  const float* Dp = Dc.get();
+  const float* nwp = nw.get();
   T* csp = conv_state.data_ptr<T>();
   float* sp = ssm.data_ptr<float>();
   T* op = out.data_ptr<T>();
@@ -271,7 +259,7 @@ at::Tensor mamba_step_impl(const at::Tensor& zxbcdt, at::Tensor& conv_state, con
 }
 
 at::Tensor mamba_step(const at::Tensor& zxbcdt, at::Tensor conv_state, const at::Tensor& conv_w,
-                      const c10::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,
+                      const c10::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const float* A,
                       const at::Tensor& D, at::Tensor ssm, const at::Tensor& norm_w, int64_t n_groups, double eps,
                       double dt_lo, double dt_hi) {
   check_weight(zxbcdt, "zxbcdt");
@@ -284,6 +272,16 @@ at::Tensor mamba_step(const at::Tensor& zxbcdt, at::Tensor conv_state, const at:
                                  dt_lo, dt_hi);
   return mamba_step_impl<float>(zxbcdt, conv_state, conv_w, conv_b, dt_bias, A, D, ssm, norm_w, n_groups, eps, dt_lo,
                                 dt_hi);
+}
+
+at::Tensor mamba_step(const at::Tensor& zxbcdt, at::Tensor conv_state, const at::Tensor& conv_w,
+                      const c10::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,
+                      const at::Tensor& D, at::Tensor ssm, const at::Tensor& norm_w, int64_t n_groups, double eps,
+                      double dt_lo, double dt_hi) {
+  TORCH_CHECK(A.numel() == ssm.size(1), "nemotron3_cpu.mamba_step: A has ", A.numel(), " entries for ", ssm.size(1),
+              " heads");
+  const Floats a(A);
+  return mamba_step(zxbcdt, conv_state, conv_w, conv_b, dt_bias, a.get(), D, ssm, norm_w, n_groups, eps, dt_lo, dt_hi);
 }
 
 template <typename XT, typename WT, typename OT>
@@ -333,6 +331,111 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, a
   return out;
 }
 
+at::Tensor add(const at::Tensor& h, const at::Tensor& o) {
+  TORCH_CHECK(h.numel() == o.numel() && h.scalar_type() == o.scalar_type(), "nemotron3_cpu.add: ", h.sizes(), " ",
+              h.scalar_type(), " vs ", o.sizes(), " ", o.scalar_type());
+  if (!h.is_contiguous() || !o.is_contiguous() || (h.scalar_type() != at::kFloat && h.scalar_type() != at::kBFloat16))
+    return h + o.view(h.sizes());
+  at::Tensor out = at::empty(h.sizes(), h.options());
+  const int64_t n = h.numel();
+  if (h.scalar_type() == at::kBFloat16) {
+    const bf16 *a = h.data_ptr<bf16>(), *b = o.data_ptr<bf16>();
+    bf16* y = out.data_ptr<bf16>();
+    for (int64_t i = 0; i < n; ++i) y[i] = bf16(static_cast<float>(a[i]) + static_cast<float>(b[i]));
+  } else {
+    const float *a = h.data_ptr<float>(), *b = o.data_ptr<float>();
+    float* y = out.data_ptr<float>();
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] = a[i] + b[i];
+  }
+  return out;
+}
+
+void route(const at::Tensor& logits, const at::Tensor& correction_bias, int64_t score_function, int64_t top_k,
+           int64_t n_group, int64_t topk_group, bool norm_topk_prob, double scaling, at::Tensor& topk_idx,
+           at::Tensor& weights) {
+  check_f32(logits, "logits");
+  const at::Tensor lg = logits.contiguous();
+  const int64_t T = lg.size(0), E = lg.size(1), k = top_k;
+  TORCH_CHECK(k >= 1 && k <= E && correction_bias.numel() == E && (n_group <= 1 || (E % n_group == 0 &&
+              topk_group >= 1 && topk_group <= n_group && k <= topk_group * (E / n_group))),
+              "nemotron3_cpu.route: top_k ", k, ", ", E, " experts, ", n_group, " groups, topk_group ", topk_group);
+  topk_idx = at::empty({T, k}, lg.options().dtype(at::kLong));
+  weights = at::empty({T, k}, lg.options());
+  const Floats bias(correction_bias);
+  const float* bp = bias.get();
+  const float* lp = lg.data_ptr<float>();
+  int64_t* ip = topk_idx.data_ptr<int64_t>();
+  float* wp = weights.data_ptr<float>();
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  std::vector<float> scores(E), choice(E), group_score(std::max<int64_t>(n_group, 1));
+  std::vector<char> taken(E), group_kept(std::max<int64_t>(n_group, 1));
+  // index of the largest value among the not-yet-taken (ties: lower index first)
+  auto argmax = [&](const float* v, int64_t n, const char* skip) {
+    int64_t best = -1;
+    for (int64_t e = 0; e < n; ++e)
+      if (!skip[e] && (best < 0 || v[e] > v[best])) best = e;
+    return best;
+  };
+  for (int64_t t = 0; t < T; ++t) {
+    const float* l = lp + t * E;
+    if (score_function == 0) {  // sigmoid
+      for (int64_t e = 0; e < E; ++e) scores[e] = 1.f / (1.f + std::exp(-l[e]));
+    } else if (score_function == 1) {  // softmax
+      const float mx = *std::max_element(l, l + E);
+      float sum = 0.f;
+      for (int64_t e = 0; e < E; ++e) sum += (scores[e] = std::exp(l[e] - mx));
+      for (int64_t e = 0; e < E; ++e) scores[e] /= sum;
+    } else {  // topk_softmax: choose on the logits
+      std::copy(l, l + E, scores.begin());
+    }
+    for (int64_t e = 0; e < E; ++e) choice[e] = scores[e] + bp[e];
+    if (n_group > 1) {  // keep the topk_group groups with the largest sum of their two best choices
+      const int64_t per = E / n_group;
+      for (int64_t g = 0; g < n_group; ++g) {
+        const float* c = choice.data() + g * per;
+        std::fill(taken.begin(), taken.begin() + per, 0);
+        const int64_t a = argmax(c, per, taken.data());
+        float s = c[a];
+        if (per > 1) {
+          taken[a] = 1;
+          s += c[argmax(c, per, taken.data())];
+        }
+        group_score[g] = s;
+      }
+      std::fill(group_kept.begin(), group_kept.end(), 0);
+      std::vector<char> gskip(n_group, 0);
+      for (int64_t j = 0; j < topk_group; ++j) {
+        const int64_t g = argmax(group_score.data(), n_group, gskip.data());
+        gskip[g] = 1;
+        group_kept[g] = 1;
+      }
+      for (int64_t e = 0; e < E; ++e)
+        if (!group_kept[e / per]) choice[e] = neg_inf;
+    }
+    std::fill(taken.begin(), taken.end(), 0);
+    float sum = 0.f;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t e = argmax(choice.data(), E, taken.data());
+      taken[e] = 1;
+      ip[t * k + j] = e;
+      wp[t * k + j] = scores[e];
+      sum += scores[e];
+    }
+    float* w = wp + t * k;
+    if (score_function == 2) {  // softmax over the chosen logits
+      const float mx = *std::max_element(w, w + k);
+      float s = 0.f;
+      for (int64_t j = 0; j < k; ++j) s += (w[j] = std::exp(w[j] - mx));
+      for (int64_t j = 0; j < k; ++j) w[j] /= s;
+    } else if (norm_topk_prob) {
+      const float denom = sum + 1e-20f;
+      for (int64_t j = 0; j < k; ++j) w[j] /= denom;
+    }
+    for (int64_t j = 0; j < k; ++j) w[j] *= static_cast<float>(scaling);
+  }
+}
+
 bool has_avx512() {
 #if defined(__AVX512F__)
   return true;
@@ -348,6 +451,14 @@ namespace {
 // The registered ops (schemas below); internal callers use the nemotron3:: functions directly.
 at::Tensor small_linear_op(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   return nemotron3::small_linear(x, weight, bias, false);
+}
+
+at::Tensor mamba_step_op(const at::Tensor& zxbcdt, at::Tensor conv_state, const at::Tensor& conv_w,
+                         const c10::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,
+                         const at::Tensor& D, at::Tensor ssm, const at::Tensor& norm_w, int64_t n_groups, double eps,
+                         double dt_lo, double dt_hi) {
+  return nemotron3::mamba_step(zxbcdt, conv_state, conv_w, conv_b, dt_bias, A, D, ssm, norm_w, n_groups, eps, dt_lo,
+                               dt_hi);
 }
 
 at::Tensor rms_norm_op(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -368,6 +479,6 @@ TORCH_LIBRARY(nemotron3_cpu, m) {
 TORCH_LIBRARY_IMPL(nemotron3_cpu, CPU, m) {
   m.impl("small_linear", small_linear_op);
   m.impl("moe_relu2", nemotron3::moe_relu2);
-  m.impl("mamba_step", nemotron3::mamba_step);
+  m.impl("mamba_step", mamba_step_op);
   m.impl("rms_norm", rms_norm_op);
 }

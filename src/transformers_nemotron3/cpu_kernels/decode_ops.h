@@ -23,6 +23,11 @@ at::Tensor moe_relu2(const at::Tensor& x, const at::Tensor& up, const at::Tensor
                      const at::Tensor& weights, at::Tensor acc);
 
 // One Mamba-2 decode step between in_proj and out_proj (states updated in place); see decode_kernels.cpp.
+// A = -exp(A_log) per head, as a tensor (the op) or as fp32 values.
+at::Tensor mamba_step(const at::Tensor& zxbcdt, at::Tensor conv_state, const at::Tensor& conv_w,
+                      const c10::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const float* A,
+                      const at::Tensor& D, at::Tensor ssm, const at::Tensor& norm_w, int64_t n_groups, double eps,
+                      double dt_lo, double dt_hi);
 at::Tensor mamba_step(const at::Tensor& zxbcdt, at::Tensor conv_state, const at::Tensor& conv_w,
                       const c10::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,
                       const at::Tensor& D, at::Tensor ssm, const at::Tensor& norm_w, int64_t n_groups, double eps,
@@ -31,6 +36,17 @@ at::Tensor mamba_step(const at::Tensor& zxbcdt, at::Tensor conv_state, const at:
 // RMSNorm over the last dim in fp32 (x and weight fp32 or bf16), the result cast once to out_dtype:
 // ``(x.float() * rsqrt(mean(x.float()^2) + eps) * weight.float()).to(out_dtype)``.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::ScalarType out_dtype);
+
+// (h + o) in h's dtype, h and o of equal size (o any shape), rounded once as PyTorch's add of two bf16 tensors.
+at::Tensor add(const at::Tensor& h, const at::Tensor& o);
+
+// The routing of Nemotron3Router for T tokens from its fp32 logits [T, E]: scores (sigmoid, softmax, or the
+// logits for topk_softmax), choice = scores + correction bias, group-limited top-k (n_group > 1), weights
+// gathered from the scores (softmax over the k for topk_softmax, else normalised if norm_topk_prob), times
+// scaling. Fills topk_idx [T, k] int64 and weights [T, k] fp32. Ties go to the lower expert index.
+void route(const at::Tensor& logits, const at::Tensor& correction_bias, int64_t score_function, int64_t top_k,
+           int64_t n_group, int64_t topk_group, bool norm_topk_prob, double scaling, at::Tensor& topk_idx,
+           at::Tensor& weights);
 
 bool has_avx512();
 

@@ -79,9 +79,9 @@ struct DotBf16 {
 // accumulated in fp32 (the epilogue rounds to bf16 after bf16 weights, as PyTorch's bf16 GEMM output is).
 // Two weight rows per pass, M accumulators each (2M <= 16 zmm registers); the weights 16 KB ahead are
 // prefetched.
-template <int M, bool RELU2, bool ROUND, typename P>
+template <int M, bool RELU2, bool ROUND, typename P, typename YT>
 void rows_kernel(const typename P::X* x, int64_t ldx, const typename P::W* W, int64_t I, int64_t o0, int64_t o1,
-                 float* y, int64_t ldy, const float* bias) {
+                 YT* y, int64_t ldy, const float* bias) {
   constexpr int64_t S = P::kStep;
   const int64_t full = I / S * S, rem = I - full;
   const typename P::Mask tail = static_cast<typename P::Mask>(rem ? (1ull << rem) - 1ull : 0ull);
@@ -120,8 +120,8 @@ void rows_kernel(const typename P::X* x, int64_t ldx, const typename P::W* W, in
     }
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
-      y[m * ldy + o] = finish(_mm512_reduce_add_ps(a0[m]), o);
-      y[m * ldy + o + 1] = finish(_mm512_reduce_add_ps(a1[m]), o + 1);
+      y[m * ldy + o] = static_cast<YT>(finish(_mm512_reduce_add_ps(a0[m]), o));
+      y[m * ldy + o + 1] = static_cast<YT>(finish(_mm512_reduce_add_ps(a1[m]), o + 1));
     }
   }
   if (o < o1) {  // odd row count: the last row alone
@@ -140,7 +140,7 @@ void rows_kernel(const typename P::X* x, int64_t ldx, const typename P::W* W, in
       for (int m = 0; m < M; ++m) a0[m] = P::madd(a0[m], v0, P::load_x(tail, x + m * ldx + full));
     }
 #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) y[m * ldy + o] = finish(_mm512_reduce_add_ps(a0[m]), o);
+    for (int m = 0; m < M; ++m) y[m * ldy + o] = static_cast<YT>(finish(_mm512_reduce_add_ps(a0[m]), o));
   }
 }
 #else
@@ -153,32 +153,32 @@ struct Widen {
   using W = WT;
 };
 
-template <int M, bool RELU2, bool ROUND, typename P>
+template <int M, bool RELU2, bool ROUND, typename P, typename YT>
 void rows_kernel(const typename P::X* x, int64_t ldx, const typename P::W* W, int64_t I, int64_t o0, int64_t o1,
-                 float* y, int64_t ldy, const float* bias) {
+                 YT* y, int64_t ldy, const float* bias) {
   for (int64_t o = o0; o < o1; ++o) {
     for (int m = 0; m < M; ++m) {
       float acc = 0.f;
       for (int64_t i = 0; i < I; ++i) acc += static_cast<float>(x[m * ldx + i]) * static_cast<float>(W[o * I + i]);
       acc = round_if<ROUND>(acc + (bias ? bias[o] : 0.f));
       if (RELU2) acc = acc > 0.f ? round_if<ROUND>(acc * acc) : 0.f;
-      y[m * ldy + o] = acc;
+      y[m * ldy + o] = static_cast<YT>(acc);
     }
   }
 }
 #endif
 
-template <bool RELU2, bool ROUND, typename P>
+template <bool RELU2, bool ROUND, typename P, typename YT>
 auto rows_for(int m) {
   switch (m) {
-    case 1: return rows_kernel<1, RELU2, ROUND, P>;
-    case 2: return rows_kernel<2, RELU2, ROUND, P>;
-    case 3: return rows_kernel<3, RELU2, ROUND, P>;
-    case 4: return rows_kernel<4, RELU2, ROUND, P>;
-    case 5: return rows_kernel<5, RELU2, ROUND, P>;
-    case 6: return rows_kernel<6, RELU2, ROUND, P>;
-    case 7: return rows_kernel<7, RELU2, ROUND, P>;
-    default: return rows_kernel<8, RELU2, ROUND, P>;
+    case 1: return rows_kernel<1, RELU2, ROUND, P, YT>;
+    case 2: return rows_kernel<2, RELU2, ROUND, P, YT>;
+    case 3: return rows_kernel<3, RELU2, ROUND, P, YT>;
+    case 4: return rows_kernel<4, RELU2, ROUND, P, YT>;
+    case 5: return rows_kernel<5, RELU2, ROUND, P, YT>;
+    case 6: return rows_kernel<6, RELU2, ROUND, P, YT>;
+    case 7: return rows_kernel<7, RELU2, ROUND, P, YT>;
+    default: return rows_kernel<8, RELU2, ROUND, P, YT>;
   }
 }
 
@@ -196,8 +196,8 @@ struct policy_for<bf16, bf16> {
 
 // Rows [o0, o1) of y = x W^T (+ b) for any M. Weight row pairs outermost so each pair serves every group
 // of 8 input rows while it is in L1 (blocks of 16 rows keep the prefetch running ahead).
-template <bool RELU2, typename XT, typename WT, bool ROUND = std::is_same<WT, bf16>::value>
-void rows_any(const XT* x, int64_t ldx, int64_t M, const WT* W, int64_t I, int64_t o0, int64_t o1, float* y,
+template <bool RELU2, typename XT, typename WT, typename YT, bool ROUND = std::is_same<WT, bf16>::value>
+void rows_any(const XT* x, int64_t ldx, int64_t M, const WT* W, int64_t I, int64_t o0, int64_t o1, YT* y,
               int64_t ldy, const float* bias) {
   using P = typename policy_for<XT, WT>::type;
   constexpr int64_t kBlock = 16;
@@ -205,7 +205,7 @@ void rows_any(const XT* x, int64_t ldx, int64_t M, const WT* W, int64_t I, int64
     const int64_t b1 = std::min(o1, b0 + kBlock);
     for (int64_t m0 = 0; m0 < M; m0 += kRowGroup) {
       const int mm = static_cast<int>(std::min<int64_t>(kRowGroup, M - m0));
-      rows_for<RELU2, ROUND, P>(mm)(x + m0 * ldx, ldx, W, I, b0, b1, y + m0 * ldy, ldy, bias);
+      rows_for<RELU2, ROUND, P, YT>(mm)(x + m0 * ldx, ldx, W, I, b0, b1, y + m0 * ldy, ldy, bias);
     }
   }
 }
@@ -213,6 +213,39 @@ void rows_any(const XT* x, int64_t ldx, int64_t M, const WT* W, int64_t I, int64
 // The activation type the GEMMs read for weights of type WT: bf16 where dpbf16 exists, fp32 otherwise.
 template <typename WT>
 using act_t = typename std::conditional<std::is_same<WT, bf16>::value && NEMOTRON3_DPBF16, bf16, float>::type;
+
+// A small parameter vector read as fp32: the tensor's own memory when it is contiguous fp32, else a copy
+// converted here (no ATen call on the decode path).
+class Floats {
+ public:
+  Floats() = default;
+  explicit Floats(const at::Tensor& t) { init(t); }
+  explicit Floats(const c10::optional<at::Tensor>& t) {
+    if (t.has_value()) init(*t);
+  }
+  const float* get() const { return p_; }
+
+ private:
+  void init(const at::Tensor& t) {
+    if (!t.defined()) return;
+    if (t.scalar_type() == at::kFloat && t.is_contiguous()) {
+      p_ = t.data_ptr<float>();
+      return;
+    }
+    const at::Tensor c = t.scalar_type() == at::kBFloat16 ? t.contiguous() : t.to(at::kFloat).contiguous();
+    copy_.resize(c.numel());
+    if (c.scalar_type() == at::kBFloat16) {
+      const bf16* s = c.data_ptr<bf16>();
+      for (size_t i = 0; i < copy_.size(); ++i) copy_[i] = static_cast<float>(s[i]);
+    } else {
+      const float* s = c.data_ptr<float>();
+      std::copy(s, s + copy_.size(), copy_.begin());
+    }
+    p_ = copy_.data();
+  }
+  const float* p_ = nullptr;
+  std::vector<float> copy_;
+};
 
 inline void check_weight(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
