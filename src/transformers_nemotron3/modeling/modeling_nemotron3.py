@@ -474,13 +474,15 @@ class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
         if cache is None:
             batch = input_ids.shape[0]
             cache = Nemotron3HybridCache(self.config, batch, self.dtype, input_ids.device)
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: the same as no mask, and decode steps skip checking it again
         inputs = {"cache": cache, "attention_mask": attention_mask, "use_cache": True}
         if inputs_embeds is not None and past == 0:
             inputs["inputs_embeds"] = inputs_embeds
         else:
             inputs["input_ids"] = input_ids[:, past:]
         new = (inputs.get("input_ids") if "input_ids" in inputs else inputs_embeds).shape[1]
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None:
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             inputs["position_ids"] = pos[:, -new:]
         keep = kwargs.get("logits_to_keep")
