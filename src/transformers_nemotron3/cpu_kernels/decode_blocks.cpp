@@ -18,15 +18,18 @@ namespace {
 using bf16 = c10::BFloat16;
 using c10::optional;
 
-// h [b, 1, H] -> h + o (o: [b, H] or [b, 1, H]), in h's dtype as PyTorch's add rounds it
+// h [b, T, H] -> h + o (o of the same size), in h's dtype as PyTorch's add rounds it
 at::Tensor residual(const at::Tensor& h, const at::Tensor& o) { return nemotron3::add(h, o); }
 
+// h [b, T, H]: T tokens per sequence, one Mamba step after another; with `recorded`, the conv and SSM states
+// after each token are appended to it (speculative verification keeps them for rollback, as the module does
+// for T > 1).
 at::Tensor mamba_block(const at::Tensor& h, const at::Tensor& norm_w, double norm_eps, const at::Tensor& in_w,
                        const optional<at::Tensor>& in_b, at::Tensor conv_state, const at::Tensor& conv_w,
                        const optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A_log,
                        const at::Tensor& D, at::Tensor ssm, const at::Tensor& gnorm_w, int64_t n_groups,
                        double gnorm_eps, double dt_lo, double dt_hi, const at::Tensor& out_w,
-                       const optional<at::Tensor>& out_b) {
+                       const optional<at::Tensor>& out_b, std::vector<at::Tensor>* recorded) {
   const at::Tensor x = nemotron3::rms_norm(h, norm_w, norm_eps, h.scalar_type());
   const at::Tensor zxbcdt = nemotron3::small_linear(x, in_w, in_b, false);
   const nemotron3::Floats a_log(A_log);
@@ -34,32 +37,51 @@ at::Tensor mamba_block(const at::Tensor& h, const at::Tensor& norm_w, double nor
   for (size_t i = 0; i < A.size(); ++i) A[i] = -std::exp(a_log.get()[i]);
   TORCH_CHECK(static_cast<int64_t>(A.size()) == ssm.size(1), "nemotron3_cpu.decode_step: A_log has ", A.size(),
               " entries for ", ssm.size(1), " heads");
-  const at::Tensor y = nemotron3::mamba_step(zxbcdt, conv_state, conv_w, conv_b, dt_bias, A.data(), D, ssm, gnorm_w,
-                                             n_groups, gnorm_eps, dt_lo, dt_hi);
+  const int64_t T = h.size(1);
+  auto step = [&](const at::Tensor& z) {
+    return nemotron3::mamba_step(z, conv_state, conv_w, conv_b, dt_bias, A.data(), D, ssm, gnorm_w, n_groups,
+                                 gnorm_eps, dt_lo, dt_hi);
+  };
+  at::Tensor y;
+  if (T == 1) {
+    y = step(zxbcdt);
+  } else {
+    std::vector<at::Tensor> ys;
+    for (int64_t t = 0; t < T; ++t) {
+      ys.push_back(step(zxbcdt.select(1, t)));
+      if (recorded != nullptr) {
+        recorded->push_back(conv_state.clone());
+        recorded->push_back(ssm.clone());
+      }
+    }
+    y = at::stack(ys, 1);
+  }
   return residual(h, nemotron3::small_linear(y, out_w, out_b, false));
 }
 
-// keys / values [b, kv_heads, capacity, head_dim] with `length` filled; the new token's k / v go to column
-// `length` (the caller has made room and advances the length).
+// keys / values [b, kv_heads, capacity, head_dim] with `length` filled; the T new tokens' keys / values go to
+// columns length.. (the caller has made room and advances the length). T > 1 attends causally, as the module's
+// mask for a continuation does.
 at::Tensor attention_block(const at::Tensor& h, const at::Tensor& norm_w, double norm_eps, const at::Tensor& q_w,
                            const optional<at::Tensor>& q_b, const at::Tensor& k_w, const optional<at::Tensor>& k_b,
                            const at::Tensor& v_w, const optional<at::Tensor>& v_b, const at::Tensor& o_w,
                            const optional<at::Tensor>& o_b, at::Tensor keys, at::Tensor values, int64_t length,
                            int64_t num_heads, int64_t head_dim, double scale) {
-  const int64_t b = h.size(0), kv_heads = keys.size(1);
-  TORCH_CHECK(h.dim() == 3 && h.size(1) == 1, "nemotron3_cpu.attention_block: one token per sequence");
-  TORCH_CHECK(keys.size(0) == b && keys.size(3) == head_dim && length < keys.size(2) &&
+  TORCH_CHECK(h.dim() == 3, "nemotron3_cpu.attention_block: h must be [b, T, hidden]");
+  const int64_t b = h.size(0), T = h.size(1), kv_heads = keys.size(1), total = length + T;
+  TORCH_CHECK(keys.size(0) == b && keys.size(3) == head_dim && total <= keys.size(2) &&
                   values.sizes() == keys.sizes(), "nemotron3_cpu.attention_block: the key/value buffers do not fit");
   const at::Tensor x = nemotron3::rms_norm(h, norm_w, norm_eps, h.scalar_type());
-  const at::Tensor q = nemotron3::small_linear(x, q_w, q_b, false).view({b, 1, num_heads, head_dim}).transpose(1, 2);
-  const at::Tensor k = nemotron3::small_linear(x, k_w, k_b, false).view({b, 1, kv_heads, head_dim}).transpose(1, 2);
-  const at::Tensor v = nemotron3::small_linear(x, v_w, v_b, false).view({b, 1, kv_heads, head_dim}).transpose(1, 2);
-  keys.narrow(2, length, 1).copy_(k);
-  values.narrow(2, length, 1).copy_(v);
-  const at::Tensor out = at::scaled_dot_product_attention(q, keys.narrow(2, 0, length + 1),
-                                                          values.narrow(2, 0, length + 1), {}, 0.0, false, scale,
-                                                          num_heads != kv_heads);
-  return residual(h, nemotron3::small_linear(out.transpose(1, 2).reshape({b, 1, -1}), o_w, o_b, false));
+  const at::Tensor q = nemotron3::small_linear(x, q_w, q_b, false).view({b, T, num_heads, head_dim}).transpose(1, 2);
+  const at::Tensor k = nemotron3::small_linear(x, k_w, k_b, false).view({b, T, kv_heads, head_dim}).transpose(1, 2);
+  const at::Tensor v = nemotron3::small_linear(x, v_w, v_b, false).view({b, T, kv_heads, head_dim}).transpose(1, 2);
+  keys.narrow(2, length, T).copy_(k);
+  values.narrow(2, length, T).copy_(v);
+  optional<at::Tensor> mask;
+  if (T > 1) mask = at::ones({T, total}, h.options().dtype(at::kBool)).tril(length);
+  const at::Tensor out = at::scaled_dot_product_attention(q, keys.narrow(2, 0, total), values.narrow(2, 0, total),
+                                                          mask, 0.0, false, scale, num_heads != kv_heads);
+  return residual(h, nemotron3::small_linear(out.transpose(1, 2).reshape({b, T, -1}), o_w, o_b, false));
 }
 
 // Returns (h + moe(RMSNorm(h)), router logits [T, E] fp32). Non-gated relu^2 experts, full-width routing
@@ -145,8 +167,8 @@ struct Cursor {
 
 enum BlockKind : int64_t { kMamba = 0, kAttention = 1, kMoE = 2, kMLP = 3 };
 
-// One decode step (one token per sequence) through a run of blocks, then optionally the final norm and the
-// LM head. `kinds` names each block; the blocks' arguments follow one another in `tensors` / `floats` / `ints`:
+// One decode step (T <= 16 / b tokens per sequence, usually 1) through a run of blocks, then optionally the final
+// norm and the LM head. `kinds` names each block; the blocks' arguments follow one another in `tensors` / `floats` / `ints`:
 //   Mamba-2:   tensors norm_w in_w in_b conv_w conv_b dt_bias A_log D gnorm_w out_w out_b;
 //              floats norm_eps gnorm_eps dt_lo dt_hi; ints n_groups; states conv ssm
 //   attention: tensors norm_w q_w q_b k_w k_b v_w v_b o_w o_b; floats norm_eps scale;
@@ -154,19 +176,23 @@ enum BlockKind : int64_t { kMamba = 0, kAttention = 1, kMoE = 2, kMLP = 3 };
 //   MoE:       tensors norm_w router_w correction_bias shared_up_w shared_up_b shared_down_w shared_down_b
 //              up down; floats norm_eps scaling; ints score_function top_k n_group topk_group norm_topk_prob
 //   MLP:       tensors norm_w up_w up_b down_w down_b; floats norm_eps (relu^2)
-// `h` is the input hidden state [b, 1, H], or with `input_ids` [b, 1] given, the embedding matrix to look them
-// up in. Returns (hidden [b, 1, H] after the last block or after the final norm, [logits [b, 1, V] fp32] when
-// lm_w is given, router logits of the MoE blocks).
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_step(
-    const at::Tensor& h_or_embeddings, const optional<at::Tensor>& input_ids, at::IntArrayRef kinds,
-    const c10::List<optional<at::Tensor>>& tensors, at::ArrayRef<double> floats, at::IntArrayRef ints,
-    const c10::List<at::Tensor>& states, at::IntArrayRef kv_lengths, const optional<at::Tensor>& final_norm_w,
-    double final_eps, const optional<at::Tensor>& lm_w) {
+// `h` is the input hidden state [b, T, H], or with `input_ids` [b, T] given, the embedding matrix to look them
+// up in. Returns (hidden [b, T, H] after the last block, [final-normed hidden] when final_norm_w is given,
+// [logits [b, T, V] fp32] when lm_w is given too, router logits of the MoE blocks, and with `record` and T > 1
+// the conv and SSM states of each Mamba block after each token: layer by layer, token by token, conv then ssm).
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+           std::vector<at::Tensor>>
+decode_step(const at::Tensor& h_or_embeddings, const optional<at::Tensor>& input_ids, at::IntArrayRef kinds,
+            const c10::List<optional<at::Tensor>>& tensors, at::ArrayRef<double> floats, at::IntArrayRef ints,
+            const c10::List<at::Tensor>& states, at::IntArrayRef kv_lengths, const optional<at::Tensor>& final_norm_w,
+            double final_eps, const optional<at::Tensor>& lm_w, bool record) {
   at::Tensor h = h_or_embeddings;
   if (input_ids.has_value() && input_ids->defined()) {
-    TORCH_CHECK(input_ids->dim() == 2 && input_ids->size(1) == 1, "nemotron3_cpu.decode_step: input_ids must be [b, 1]");
-    h = h_or_embeddings.index_select(0, input_ids->reshape({-1})).view({input_ids->size(0), 1, -1});
+    TORCH_CHECK(input_ids->dim() == 2, "nemotron3_cpu.decode_step: input_ids must be [b, T]");
+    h = h_or_embeddings.index_select(0, input_ids->reshape({-1})).view({input_ids->size(0), input_ids->size(1), -1});
   }
+  TORCH_CHECK(h.dim() == 3, "nemotron3_cpu.decode_step: hidden states must be [b, T, hidden]");
+  std::vector<at::Tensor> recorded;
   Cursor c{tensors, floats, ints, states};
   std::vector<at::Tensor> router_logits;
   size_t kv = 0;
@@ -181,7 +207,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_
       const double norm_eps = c.flt(), gnorm_eps = c.flt(), lo = c.flt(), hi = c.flt();
       const at::Tensor conv = c.state(), ssm = c.state();
       h = mamba_block(h, norm_w, norm_eps, in_w, in_b, conv, conv_w, conv_b, dt_bias, A_log, D, ssm, gnorm_w,
-                      c.integer(), gnorm_eps, lo, hi, out_w, out_b);
+                      c.integer(), gnorm_eps, lo, hi, out_w, out_b, record && h.size(1) > 1 ? &recorded : nullptr);
     } else if (kind == kAttention) {
       const at::Tensor norm_w = c.req(), q_w = c.req();
       const optional<at::Tensor> q_b = c.opt();
@@ -220,21 +246,21 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_
   }
   TORCH_CHECK(c.t == tensors.size() && c.f == floats.size() && c.i == ints.size() && c.s == states.size() &&
                   kv == kv_lengths.size(), "nemotron3_cpu.decode_step: the plan has arguments left over");
-  std::vector<at::Tensor> logits;
+  std::vector<at::Tensor> normed, logits;
   if (final_norm_w.has_value() && final_norm_w->defined()) {
-    h = nemotron3::rms_norm(h, *final_norm_w, final_eps, h.scalar_type());
+    normed.push_back(nemotron3::rms_norm(h, *final_norm_w, final_eps, h.scalar_type()));
     if (lm_w.has_value() && lm_w->defined())
-      logits.push_back(nemotron3::small_linear(h, *lm_w, {}, false).to(at::kFloat));
+      logits.push_back(nemotron3::small_linear(normed[0], *lm_w, {}, false).to(at::kFloat));
   }
-  return {h, logits, router_logits};
+  return {h, normed, logits, router_logits, recorded};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(nemotron3_cpu, m) {
   m.def("decode_step(Tensor h_or_embeddings, Tensor? input_ids, int[] kinds, Tensor?[] tensors, float[] floats, "
-        "int[] ints, Tensor(a!)[] states, int[] kv_lengths, Tensor? final_norm_w, float final_eps, Tensor? lm_w) "
-        "-> (Tensor, Tensor[], Tensor[])");
+        "int[] ints, Tensor(a!)[] states, int[] kv_lengths, Tensor? final_norm_w, float final_eps, Tensor? lm_w, "
+        "bool record) -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(nemotron3_cpu, CPU, m) {

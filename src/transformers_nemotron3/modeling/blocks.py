@@ -69,8 +69,9 @@ class Nemotron3Block(_BlockBase):
     ) -> torch.Tensor:
         if padding_mask is None and hidden_states.dim() == 3 and decode_ready(hidden_states, hidden_states.dtype):
             fused = self.fused_decode_block(cache, hidden_states.dtype, attn_mask)  # the block in one kernel call
-            if fused is not None:
-                return fused(hidden_states)
+            out = fused(hidden_states) if fused is not None else None
+            if out is not None:
+                return out
         residual = hidden_states
         x = self.norm(hidden_states)
         if self.block_type == "mamba":

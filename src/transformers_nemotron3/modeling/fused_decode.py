@@ -21,11 +21,12 @@ from .fast_ops import GEMM_DTYPES, MAX_ROWS, Nemotron3Linear, kernel_ops
 
 
 def decode_ready(x: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether a decode step may run through the fused block kernels: kernels on, no autograd or autocast, one
-    token per sequence (``x`` is [b, 1] ids or [b, 1, hidden] states, on CPU), at most ``MAX_ROWS`` sequences,
-    model ``dtype`` float32 or bfloat16."""
+    """Whether a cached step may run through the fused block kernels: kernels on, no autograd or autocast,
+    ``x`` ([b, T] ids or [b, T, hidden] states) on CPU with at most ``MAX_ROWS`` tokens in all, model
+    ``dtype`` float32 or bfloat16. (Steps of T > 1 also need `DecodePlan.applies`.)"""
     return (kernel_ops() is not None and not torch.is_grad_enabled() and x.device.type == "cpu"
-            and dtype in GEMM_DTYPES and x.shape[1] == 1 and x.shape[0] <= MAX_ROWS and not torch.is_autocast_enabled("cpu"))
+            and dtype in GEMM_DTYPES and x.shape[0] * x.shape[1] <= MAX_ROWS
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def fits(dtype: torch.dtype, *linears: nn.Module) -> bool:
@@ -47,9 +48,10 @@ class FusedBlock:
     def __init__(self, kind: int, tensors: list, floats: list, ints: list, state=None, moe=None) -> None:
         self.kind, self.tensors, self.floats, self.ints, self.state, self.moe = kind, tensors, floats, ints, state, moe
 
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        """Run this block alone on ``h`` [b, 1, hidden]."""
-        return DecodePlan([self]).run(h)[0]
+    def __call__(self, h: torch.Tensor) -> torch.Tensor | None:
+        """Run this block alone on ``h`` [b, T, hidden]; None where T > 1 does not apply (`DecodePlan.applies`)."""
+        plan = DecodePlan([self])
+        return plan.run(h)[0] if plan.applies(h.shape[1]) else None
 
 
 def mamba_block(norm: nn.Module, mixer: nn.Module, state) -> FusedBlock:
@@ -108,27 +110,62 @@ class DecodePlan:
                 b.moe.last_aux_loss = None
 
     def run(self, h: torch.Tensor, input_ids: torch.Tensor | None = None, final_norm: nn.Module | None = None,
-            lm_head: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One step: ``h`` [b, 1, hidden] (or, with ``input_ids`` [b, 1], the embedding matrix) -> (hidden after
-        the blocks, or after ``final_norm``; fp32 logits of ``lm_head`` or None)."""
-        states, lengths = [], []
+            lm_head: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """One step of T tokens per sequence (T > 1 only to verify drafts while the Mamba states record, or
+        without Mamba blocks): ``h`` [b, T, hidden] (or, with ``input_ids`` [b, T], the embedding matrix) ->
+        (hidden after the blocks, after ``final_norm`` or None, fp32 logits of ``lm_head`` or None)."""
+        tokens = (input_ids if input_ids is not None else h).shape[1]
+        states, lengths, mamba = [], [], []
         for is_mamba, st in self.stateful:  # in layer order, as the op reads them
             if is_mamba:
                 states += (st.conv, st.ssm)
+                mamba.append(st)
             else:
-                st.reserve(st.length + 1)  # room for this step's key/value (may move the buffers)
+                st.reserve(st.length + tokens)  # room for this step's keys/values (may move the buffers)
                 states += (st.keys, st.values)
                 lengths.append(st.length)
-        out, logits, routers = self.op(h, input_ids, self.kinds, self.tensors, self.floats, self.ints, states, lengths,
-                                       final_norm.weight if final_norm is not None else None,
-                                       float(final_norm.eps) if final_norm is not None else 0.0,
-                                       lm_head.weight if lm_head is not None else None)
+        record = tokens > 1 and bool(mamba)
+        out, normed, logits, routers, recorded = self.op(
+            h, input_ids, self.kinds, self.tensors, self.floats, self.ints, states, lengths,
+            final_norm.weight if final_norm is not None else None,
+            float(final_norm.eps) if final_norm is not None else 0.0,
+            lm_head.weight if lm_head is not None else None, record)
         for st in self.kv:
-            st.length += 1
+            st.length += tokens
         for attrs, r in zip(self.moe_attrs, routers):
             attrs["last_router_logits"] = r  # a plain attribute: skip nn.Module.__setattr__ on the hot path
-        return out, (logits[0] if logits else None)
+        if record:  # per Mamba layer, per token: (conv, ssm) after that token, as the modules record them
+            for i, st in enumerate(mamba):
+                chunk = recorded[2 * tokens * i : 2 * tokens * (i + 1)]
+                st.history.extend(zip(chunk[0::2], chunk[1::2]))
+        return out, (normed[0] if normed else None), (logits[0] if logits else None)
+
+    def applies(self, tokens: int) -> bool:
+        """Whether a step of ``tokens`` per sequence matches the modules: one token, or several while every
+        Mamba state records (speculative verification: the modules then step token by token too)."""
+        return tokens == 1 or all(st.history is not None for is_mamba, st in self.stateful if is_mamba)
 
 
-__all__ = ["decode_ready", "fits", "FusedBlock", "DecodePlan", "mamba_block", "attention_block", "moe_block",
+def cached_plan(owner: nn.Module, layers, cache, dtype: torch.dtype) -> DecodePlan | None:
+    """The fused plan of ``layers`` (blocks of ``owner``) for this cache, built at first use and kept with the
+    cache while the kernels and dtype stay the same; None when a block is not covered. A None found before the
+    layers' cache states exist (prefill not done yet) is not kept."""
+    ops = kernel_ops()
+    entry = cache.decode_plans.get(owner)
+    if entry is not None and entry[0] is ops and entry[1] == dtype:
+        return entry[2]
+    blocks = [layer.fused_decode_block(cache, dtype) for layer in layers]
+    plan = DecodePlan(blocks) if all(b is not None for b in blocks) else None
+    if plan is not None or all(_state_ready(cache.get(layer.layer_idx)) for layer in layers):
+        cache.decode_plans[owner] = (ops, dtype, plan)
+    return plan
+
+
+def _state_ready(state) -> bool:
+    if state is None:  # MoE / MLP layers hold no state
+        return True
+    return state.has_previous if hasattr(state, "has_previous") else state.keys is not None
+
+
+__all__ = ["decode_ready", "fits", "FusedBlock", "DecodePlan", "cached_plan", "mamba_block", "attention_block", "moe_block",
            "mlp_block", "SCORE_FUNCTIONS"]

@@ -17,8 +17,8 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .fast_ops import Nemotron3Linear, kernel_ops
-from .fused_decode import DecodePlan, decode_ready, fits
+from .fast_ops import Nemotron3Linear
+from .fused_decode import cached_plan, decode_ready, fits
 from .blocks import Nemotron3Block, Nemotron3RMSNorm
 from .cache import Nemotron3HybridCache
 from .checkpoint_io import CheckpointMixin
@@ -263,9 +263,10 @@ class Nemotron3Model(Nemotron3PreTrainedModel):
     def fused_decode(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                      attention_mask: torch.Tensor | None, cache: Nemotron3HybridCache | None,
                      seq_idx: torch.Tensor | None = None, lm_head: nn.Module | None = None):
-        """A cached decode step of one token per sequence through the CPU kernels in one call: (hidden after
-        the final norm, fp32 logits of ``lm_head`` or None); None where it does not apply (kernels off,
-        autograd, padding, a block the kernels do not cover, ...), and the modules run instead."""
+        """A cached decode step through the CPU kernels in one call: (hidden after the final norm, fp32 logits
+        of ``lm_head`` or None) for one token per sequence, or for a few while the Mamba states record
+        (speculative verification); None where it does not apply (kernels off, autograd, padding, a block the
+        kernels do not cover, ...), and the modules run instead."""
         x = input_ids if input_ids is not None else inputs_embeds
         dtype = self.embeddings.weight.dtype if input_ids is not None else inputs_embeds.dtype
         if (cache is None or not cache.seen_tokens or seq_idx is not None or self.training
@@ -275,26 +276,15 @@ class Nemotron3Model(Nemotron3PreTrainedModel):
                 or (input_ids is not None and type(self.embeddings) is not nn.Embedding)
                 or (lm_head is not None and not fits(dtype, lm_head))):
             return None
-        plan = self._decode_plan(cache, dtype)
-        if plan is None:
+        plan = cached_plan(self, self.layers, cache, dtype)
+        if plan is None or not plan.applies(x.shape[1]):
             return None
         if input_ids is not None:
-            out = plan.run(self.embeddings.weight, input_ids, self.norm_f, lm_head)
+            _, hidden, logits = plan.run(self.embeddings.weight, input_ids, self.norm_f, lm_head)
         else:
-            out = plan.run(inputs_embeds, None, self.norm_f, lm_head)
-        cache.seen_tokens += 1
-        return out
-
-    def _decode_plan(self, cache: Nemotron3HybridCache, dtype: torch.dtype) -> DecodePlan | None:
-        """The fused decode plan of this cache (built at its first decode step and kept while the kernels and
-        dtype stay the same), or None when some block is not covered by the kernels."""
-        ops = kernel_ops()
-        entry = cache.decode_plans.get(self)
-        if entry is None or entry[0] is not ops or entry[1] != dtype:
-            blocks = [layer.fused_decode_block(cache, dtype) for layer in self.layers]
-            entry = (ops, dtype, DecodePlan(blocks) if all(b is not None for b in blocks) else None)
-            cache.decode_plans[self] = entry
-        return entry[2]
+            _, hidden, logits = plan.run(inputs_embeds, None, self.norm_f, lm_head)
+        cache.seen_tokens += x.shape[1]
+        return hidden, logits
 
 
 class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
@@ -353,6 +343,8 @@ class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
             fused = self.backbone.fused_decode(input_ids, inputs_embeds, attention_mask, cache, seq_idx, self.lm_head)
             if fused is not None:  # a decode step through the CPU kernels
                 hidden, logits = fused
+                if logits_to_keep == 1 and logits.shape[1] > 1:
+                    logits = logits[:, -1:]
                 router = None
                 if output_router_logits or self.config.output_router_logits:
                     router = self.backbone._output(hidden, None, None).router_logits
