@@ -141,3 +141,53 @@ def test_mtp_generate_with_fused_decode_equals_greedy(kernels):
         plain = model.generate(ids, max_new_tokens=10, do_sample=False)
         spec = model.generate(ids, max_new_tokens=10, do_sample=False, use_mtp=True, num_draft_tokens=2)
     assert torch.equal(plain, spec)
+
+
+@pytest.mark.parametrize("router", [
+    dict(moe_router_score_function="sigmoid"),
+    dict(moe_router_score_function="sigmoid", norm_topk_prob=False, n_group=4, topk_group=2),
+    dict(moe_router_score_function="softmax", norm_topk_prob=False),
+    dict(moe_router_score_function="topk_softmax"),
+])
+def test_fused_router_equals_module_router(kernels, router):
+    """The C++ router (scores, correction bias, group-limited top-k, normalisation, scaling) against
+    Nemotron3Router, through whole decode steps with a non-zero correction bias."""
+    model = _model("all_blocks", **router)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "e_score_correction_bias"):
+                m.e_score_correction_bias.copy_(torch.randn(m.e_score_correction_bias.shape) * 0.05)
+    ids = torch.randint(3, 96, (3, 14))
+    on, calls = _decode(model, ids, 10, True, kernels, output_router_logits=True)
+    off, _ = _decode(model, ids, 10, False)
+    assert calls[0] == ["decode_step"]
+    torch.testing.assert_close(on, off, atol=1e-4, rtol=1e-4)
+
+
+def test_huge_pages_keep_contents_and_can_be_switched_off(monkeypatch):
+    from transformers_nemotron3.cpu_kernels import hugepages
+
+    if not hugepages.enabled():
+        pytest.skip("no madvise here (not Linux)")
+    big = torch.randn(6 * 1024 * 1024)  # 24 MB: several 2 MB pages inside
+    small = torch.randn(1000)
+    before = big.clone()
+    assert hugepages.advise([big, small, None]) >= 8 * (2 << 20)  # small and None skipped, big advised
+    assert torch.equal(big, before)
+    assert hugepages.advise([big]) == 0  # each tensor once
+    monkeypatch.setenv("NEMOTRON3_HUGEPAGES", "0")
+    assert hugepages.advise([torch.randn(6 * 1024 * 1024)]) == 0
+
+
+def test_decode_plan_reports_streamed_weights(kernels, monkeypatch):
+    """A new plan hands its weights and the LM head to the kernels' side (huge pages), once per plan."""
+    from transformers_nemotron3.cpu_kernels import hugepages
+
+    seen = []
+    monkeypatch.setattr(hugepages, "advise", lambda tensors: seen.append(list(tensors)))  # installed on enable
+    model = _model("all_blocks")
+    ids = torch.randint(3, 96, (1, 14))
+    _decode(model, ids, 10, True, kernels)
+    assert len(seen) == 1
+    assert any(t is model.lm_head.weight for t in seen[0])
+    assert any(t is model.backbone.layers[0].mixer.in_proj.weight for t in seen[0])

@@ -1,25 +1,26 @@
 """Optional CPU kernels for decode steps (batch 1-16; fp32 and bf16), compiled once on first use.
 
-`enable_cpu_kernels()` builds ``decode_kernels.cpp`` with the system C++ compiler (through
-``torch.utils.cpp_extension``, cached under ``~/.cache/torch_extensions``; about 15 s the first
-time) and plugs four operations into the model's seam `transformers_nemotron3.modeling.fast_ops`:
+`enable_cpu_kernels()` builds ``decode_kernels.cpp`` and ``decode_blocks.cpp`` with the system C++
+compiler (through ``torch.utils.cpp_extension``, cached under ``~/.cache/torch_extensions``; about
+20 s the first time) and plugs them into the model's seams:
 
-- ``small_linear``: ``x W^T + b`` for at most 16 rows, streaming each weight row once with a
-  software prefetch (MKL's sgemm packs the weight from 4 rows on and runs at a third of the
-  memory bandwidth; one row it matches);
-- ``moe_relu2``: the routed squared-ReLU experts of a few tokens, grouped by expert, weighted sum
-  added into the output, in two parallel regions;
-- ``mamba_step``: a Mamba-2 decode step between ``in_proj`` and ``out_proj`` (conv window, SSM
-  update and readout, gate and group RMSNorm) in one parallel region;
-- ``rms_norm``: RMSNorm with a weight in one pass (the router's logits use ``small_linear`` too).
+- ``decode_step`` (`modeling.fused_decode`): a whole cached decode step in one call, embedding lookup,
+  every Mamba-2 / attention / MoE / MLP block, final norm and LM head, for models whose blocks it
+  covers (several tokens per sequence while speculative verification records the Mamba states);
+- per operation (`modeling.fast_ops`), for every other few-token forward: ``small_linear`` (``x W^T + b``
+  for at most 16 rows, streaming each weight row once with a software prefetch; MKL's sgemm packs the
+  weight from 4 rows on and runs at a third of the memory bandwidth), ``moe_relu2`` (the routed
+  squared-ReLU experts of a few tokens, grouped by expert), ``mamba_step`` (a Mamba-2 decode step between
+  ``in_proj`` and ``out_proj``) and ``rms_norm``.
 
 They run only without autograd, on CPU, in float32 or bfloat16 (bf16 inputs and weights, exact products
 and fp32 sums via ``vdpbf16ps`` where the CPU has it, outputs rounded to bf16 as PyTorch's bf16 ops
-round; the RMSNorm kernel takes fp32 only), with no plugin in the way (LoRA-wrapped or
-NVFP4 linears, expert-parallel dispatchers and quantized expert GEMMs keep their own paths).
-Results equal the PyTorch paths up to summation order (``modeling_tests/test_cpu_kernels.py``).
-Checkpoints are unaffected: the kernels touch no parameter and no state-dict key.
-Setting ``NEMOTRON3_CPU_KERNELS=1`` in the environment switches them on when the package is imported.
+round), with no plugin in the way (LoRA-wrapped or NVFP4 linears, expert-parallel dispatchers and
+quantized expert GEMMs keep their own paths). Results equal the PyTorch paths up to summation order
+(``modeling_tests/test_cpu_kernels.py``, ``test_cpu_decode_step.py``). Checkpoints are unaffected: the
+kernels touch no parameter and no state-dict key. Setting ``NEMOTRON3_CPU_KERNELS=1`` in the environment
+switches them on when the package is imported. With them on, the weights a decode step streams are
+backed by transparent huge pages where Linux allows (`hugepages`; ``NEMOTRON3_HUGEPAGES=0`` to skip).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _load() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        logger.info("compiling the Nemotron 3 CPU decode kernels (once per machine, ~15 s)")
+        logger.info("compiling the Nemotron 3 CPU decode kernels (once per machine, ~20 s)")
         load(
             name=f"nemotron3_cpu_kernels_{_build_tag()}",
             sources=[str(p) for p in _SOURCES],
@@ -91,13 +92,16 @@ def enable_cpu_kernels(enabled: bool = True) -> bool:
     model keeps its PyTorch paths. Affects every Nemotron 3 model in this process.
     """
     if not enabled:
-        fast_ops.ops = None
+        fast_ops.ops = fast_ops.advise_weights = None
         return False
     if not _load():
         logger.warning("Nemotron 3 CPU kernels unavailable (%s); using the PyTorch paths.", _REASON)
-        fast_ops.ops = None
+        fast_ops.ops = fast_ops.advise_weights = None
         return False
+    from . import hugepages
+
     fast_ops.ops = torch.ops.nemotron3_cpu
+    fast_ops.advise_weights = hugepages.advise
     return True
 
 

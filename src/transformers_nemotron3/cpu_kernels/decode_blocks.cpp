@@ -1,12 +1,12 @@
-// Whole Nemotron 3 blocks for decode steps (one new token per sequence, batch <= 16, no autograd):
-// ``h + mixer(RMSNorm(h))`` in one call, for Mamba-2, attention and MoE blocks.
+// Whole Nemotron 3 decode steps in one call: `decode_step` runs the embedding lookup, a run of Mamba-2,
+// attention, MoE and MLP blocks (``h + mixer(RMSNorm(h))`` each), the final norm and the LM head.
 //
-// Why: at batch 1 a decode step of a small model spends about as long in Python (module calls, argument
-// checks, dtype casts, a dozen small ATen ops per block) as in the kernels that stream the weights. Each op
-// here runs the block's kernels back to back, in the order and with the roundings of the PyTorch path
-// (RMSNorm in fp32 cast once to the model dtype, GEMM outputs rounded to bf16 in bf16 models, the router in
-// fp32 through the same ATen ops, the attention through ATen's sdpa), so results equal the module path up
-// to summation order; modeling_tests/test_cpu_kernels.py checks that block by block and for whole models.
+// Why: with the products streaming the weights at memory speed (decode_kernels.cpp), about half of a small
+// model's batch-1 step was still Python and small ATen ops (module calls, argument checks, casts, a dozen ops
+// per block), each starting with cold caches right after the weights streamed through. Here the blocks run
+// back to back in the order and with the roundings of the modules (RMSNorm in fp32 cast once to the model
+// dtype, GEMM outputs rounded to bf16 in bf16 models, the router in fp32, attention through ATen's sdpa), so
+// results equal the module path up to summation order; modeling_tests/test_cpu_decode_step.py checks that.
 
 #include <torch/library.h>
 
@@ -167,12 +167,13 @@ struct Cursor {
 
 enum BlockKind : int64_t { kMamba = 0, kAttention = 1, kMoE = 2, kMLP = 3 };
 
-// One decode step (T <= 16 / b tokens per sequence, usually 1) through a run of blocks, then optionally the final
-// norm and the LM head. `kinds` names each block; the blocks' arguments follow one another in `tensors` / `floats` / `ints`:
+// One decode step (b * T <= 16 tokens, usually T = 1) through a run of blocks, then optionally the final norm
+// and the LM head. `kinds` names each block; the blocks' arguments follow one another in `tensors` / `floats` /
+// `ints`:
 //   Mamba-2:   tensors norm_w in_w in_b conv_w conv_b dt_bias A_log D gnorm_w out_w out_b;
 //              floats norm_eps gnorm_eps dt_lo dt_hi; ints n_groups; states conv ssm
 //   attention: tensors norm_w q_w q_b k_w k_b v_w v_b o_w o_b; floats norm_eps scale;
-//              ints num_heads head_dim; states keys values (room for one more column), kv_lengths[j]
+//              ints num_heads head_dim; states keys values (room for T more columns), kv_lengths[j]
 //   MoE:       tensors norm_w router_w correction_bias shared_up_w shared_up_b shared_down_w shared_down_b
 //              up down; floats norm_eps scaling; ints score_function top_k n_group topk_group norm_topk_prob
 //   MLP:       tensors norm_w up_w up_b down_w down_b; floats norm_eps (relu^2)

@@ -295,7 +295,8 @@ void rms_norm_rows(const XT* xp, const WT* wp, OT* op, int64_t rows, int64_t D, 
       const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
       OT* orow = op + r * D;
 #pragma omp simd
-      for (int64_t i = 0; i < D; ++i) orow[i] = static_cast<OT>(static_cast<float>(xr[i]) * inv * static_cast<float>(wp[i]));
+      for (int64_t i = 0; i < D; ++i)
+        orow[i] = static_cast<OT>(static_cast<float>(xr[i]) * inv * static_cast<float>(wp[i]));
     }
   });
 }

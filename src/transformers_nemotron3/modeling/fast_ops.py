@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ops = None  # torch.ops.nemotron3_cpu when enabled
+advise_weights = None  # with the kernels: called with the tensors a decode plan streams (cpu_kernels.hugepages)
 MAX_ROWS = 16  # small_linear: at most this many input rows (beyond, MKL's GEMM is as fast)
 MAX_MOE_TOKENS = 32  # moe_relu2: at most this many tokens
 
@@ -47,6 +48,12 @@ class Nemotron3Linear(nn.Linear):
 def kernel_ops():
     """The kernels in use (``torch.ops.nemotron3_cpu``), or None when switched off."""
     return ops
+
+
+def weights_streamed(tensors) -> None:
+    """Tell the kernels' side which tensors decode steps will stream (it may back them with huge pages)."""
+    if advise_weights is not None:
+        advise_weights(tensors)
 
 
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor | None:
@@ -85,5 +92,5 @@ def fused_moe_relu2(experts, x: torch.Tensor, weights: torch.Tensor, topk_idx: t
 
 __all__ = [
     "Nemotron3Linear", "linear", "plain", "kernel_ops", "fused_rms_norm", "fused_mamba_step", "fused_moe_relu2",
-    "fused_moe_relu2_applies", "ops", "MAX_ROWS", "MAX_MOE_TOKENS", "GEMM_DTYPES",
+    "fused_moe_relu2_applies", "ops", "MAX_ROWS", "MAX_MOE_TOKENS", "GEMM_DTYPES", "weights_streamed",
 ]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fast_ops import GEMM_DTYPES, MAX_ROWS, Nemotron3Linear, kernel_ops
+from .fast_ops import GEMM_DTYPES, MAX_ROWS, Nemotron3Linear, kernel_ops, weights_streamed
 
 
 def decode_ready(x: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -146,10 +146,11 @@ class DecodePlan:
         return tokens == 1 or all(st.history is not None for is_mamba, st in self.stateful if is_mamba)
 
 
-def cached_plan(owner: nn.Module, layers, cache, dtype: torch.dtype) -> DecodePlan | None:
+def cached_plan(owner: nn.Module, layers, cache, dtype: torch.dtype, extra: tuple = ()) -> DecodePlan | None:
     """The fused plan of ``layers`` (blocks of ``owner``) for this cache, built at first use and kept with the
     cache while the kernels and dtype stay the same; None when a block is not covered. A None found before the
-    layers' cache states exist (prefill not done yet) is not kept."""
+    layers' cache states exist (prefill not done yet) is not kept. A new plan's weights, and the ``extra``
+    tensors it streams (the LM head), are reported to `fast_ops.weights_streamed`."""
     ops = kernel_ops()
     entry = cache.decode_plans.get(owner)
     if entry is not None and entry[0] is ops and entry[1] == dtype:
@@ -158,6 +159,8 @@ def cached_plan(owner: nn.Module, layers, cache, dtype: torch.dtype) -> DecodePl
     plan = DecodePlan(blocks) if all(b is not None for b in blocks) else None
     if plan is not None or all(_state_ready(cache.get(layer.layer_idx)) for layer in layers):
         cache.decode_plans[owner] = (ops, dtype, plan)
+    if plan is not None:
+        weights_streamed([*plan.tensors, *extra])
     return plan
 
 
@@ -167,5 +170,5 @@ def _state_ready(state) -> bool:
     return state.has_previous if hasattr(state, "has_previous") else state.keys is not None
 
 
-__all__ = ["decode_ready", "fits", "FusedBlock", "DecodePlan", "cached_plan", "mamba_block", "attention_block", "moe_block",
-           "mlp_block", "SCORE_FUNCTIONS"]
+__all__ = ["decode_ready", "fits", "FusedBlock", "DecodePlan", "cached_plan", "mamba_block", "attention_block",
+           "moe_block", "mlp_block", "SCORE_FUNCTIONS"]

@@ -276,7 +276,7 @@ class Nemotron3Model(Nemotron3PreTrainedModel):
                 or (input_ids is not None and type(self.embeddings) is not nn.Embedding)
                 or (lm_head is not None and not fits(dtype, lm_head))):
             return None
-        plan = cached_plan(self, self.layers, cache, dtype)
+        plan = cached_plan(self, self.layers, cache, dtype, (lm_head.weight,) if lm_head is not None else ())
         if plan is None or not plan.applies(x.shape[1]):
             return None
         if input_ids is not None:
