@@ -145,8 +145,8 @@ class Nemotron3Attention(nn.Module):
         return q, k, v
 
     def fused_decode_block(self, norm: nn.Module, cache, dtype: torch.dtype, mask: torch.Tensor | None):
-        """A function ``h -> h + self(norm(h))`` for cached decode steps of one token per sequence, one CPU
-        kernel call each (plain sdpa attention: no mask, RoPE, q/k norm or dropout), or None."""
+        """This block's part of a fused decode plan (`fused_decode.FusedBlock`, ``h + self(norm(h))`` in the
+        CPU kernels' decode step: plain sdpa attention, no mask, RoPE, q/k norm or dropout), or None."""
         state = cache.get(self.layer_idx) if cache is not None else None
         impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
         if (state is None or state.keys is None or mask is not None or impl != "sdpa" or self.use_rope

@@ -83,8 +83,8 @@ class Nemotron3Block(_BlockBase):
         return residual + x
 
     def fused_decode_block(self, cache, dtype: torch.dtype, attn_mask: torch.Tensor | None = None):
-        """A function ``h -> self(h)`` for cached decode steps (one token per sequence, no padding, the CPU
-        kernels on) that runs the whole block in one kernel call, or None where that does not apply."""
+        """This block as a `fused_decode.FusedBlock` (callable as ``h -> self(h)`` in one kernel call, and the
+        unit a `DecodePlan` is built from), or None where the kernels do not cover it."""
         if type(self.norm) is not Nemotron3RMSNorm:
             return None
         if self.block_type == "mamba":

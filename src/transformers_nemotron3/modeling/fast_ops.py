@@ -77,10 +77,15 @@ def fused_mamba_step(mixer, zxbcdt: torch.Tensor, A: torch.Tensor, state) -> tor
                           mixer.norm.weight, mixer.n_groups, mixer.norm.eps, float(lo), float(hi))
 
 
+def relu2_experts_fit(experts, dtype: torch.dtype) -> bool:
+    """The routed experts are what the kernels run: non-gated squared ReLU, CPU weights of ``dtype``."""
+    return (experts.gate_proj is None and getattr(experts.act, "__name__", "") == "_relu2"
+            and experts.up_proj.dtype == experts.down_proj.dtype == dtype and experts.up_proj.device.type == "cpu")
+
+
 def fused_moe_relu2_applies(experts, x: torch.Tensor) -> bool:
     """Whether `fused_moe_relu2` can run these routed experts on these tokens."""
-    return (ops is not None and experts.gate_proj is None and getattr(experts.act, "__name__", "") == "_relu2"
-            and x.shape[0] <= MAX_MOE_TOKENS and x.dtype == experts.up_proj.dtype == experts.down_proj.dtype
+    return (ops is not None and x.shape[0] <= MAX_MOE_TOKENS and relu2_experts_fit(experts, x.dtype)
             and plain(x, experts.up_proj, experts.down_proj, dtypes=GEMM_DTYPES))
 
 
@@ -92,5 +97,5 @@ def fused_moe_relu2(experts, x: torch.Tensor, weights: torch.Tensor, topk_idx: t
 
 __all__ = [
     "Nemotron3Linear", "linear", "plain", "kernel_ops", "fused_rms_norm", "fused_mamba_step", "fused_moe_relu2",
-    "fused_moe_relu2_applies", "ops", "MAX_ROWS", "MAX_MOE_TOKENS", "GEMM_DTYPES", "weights_streamed",
+    "fused_moe_relu2_applies", "relu2_experts_fit", "ops", "MAX_ROWS", "MAX_MOE_TOKENS", "GEMM_DTYPES", "weights_streamed",
 ]

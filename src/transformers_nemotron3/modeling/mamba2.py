@@ -261,8 +261,9 @@ class Nemotron3Mamba2Mixer(nn.Module):
 
     # ------------------------------------------------------------------ decode
     def fused_decode_block(self, norm: nn.Module, cache, dtype: torch.dtype):
-        """A function ``h -> h + self(norm(h))`` for cached decode steps of one token per sequence, one CPU
-        kernel call each (`fast_ops.mamba_block`), or None where that does not apply."""
+        """This block's part of a fused decode plan (`fused_decode.FusedBlock`, ``h + self(norm(h))`` in the
+        CPU kernels' decode step), or None where that does not apply (no cached state yet, other dtypes,
+        replaced projections)."""
         state = cache.get(self.layer_idx) if cache is not None else None
         if (state is None or not state.has_previous or state.conv.dtype != dtype
                 or state.ssm.dtype != torch.float32 or not fits(dtype, self.in_proj, self.out_proj)):

@@ -249,14 +249,21 @@ class Nemotron3Model(Nemotron3PreTrainedModel):
             cache.seen_tokens = past + inputs_embeds.shape[1]
         return self._output(hidden, cache if use_cache else None, all_hidden)
 
+    def _moe_layers(self) -> list[Nemotron3MoE]:
+        return [layer.mixer for layer in self.layers if isinstance(layer.mixer, Nemotron3MoE)]
+
+    def router_logits(self) -> tuple[torch.Tensor, ...] | None:
+        """The router logits of the MoE layers from the last forward, or None without MoE layers."""
+        moe = self._moe_layers()
+        return tuple(m.last_router_logits for m in moe) if moe else None
+
     def _output(self, hidden: torch.Tensor, cache, all_hidden: list | None) -> Nemotron3ModelOutput:
-        moe = [layer.mixer for layer in self.layers if isinstance(layer.mixer, Nemotron3MoE)]
-        aux = [m.last_aux_loss for m in moe if m.last_aux_loss is not None]
+        aux = [m.last_aux_loss for m in self._moe_layers() if m.last_aux_loss is not None]
         return Nemotron3ModelOutput(
             last_hidden_state=hidden,
             **{CACHE_FIELD: cache},
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
-            router_logits=tuple(m.last_router_logits for m in moe) if moe else None,
+            router_logits=self.router_logits(),
             aux_loss=torch.stack(aux).sum() if aux else None,
         )
 
@@ -345,11 +352,9 @@ class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
                 hidden, logits = fused
                 if logits_to_keep == 1 and logits.shape[1] > 1:
                     logits = logits[:, -1:]
-                router = None
-                if output_router_logits or self.config.output_router_logits:
-                    router = self.backbone._output(hidden, None, None).router_logits
-                return Nemotron3CausalLMOutput(logits=logits, **{CACHE_FIELD: cache}, router_logits=router,
-                                               last_hidden_state=hidden)
+                want_router = output_router_logits or self.config.output_router_logits
+                return Nemotron3CausalLMOutput(logits=logits, **{CACHE_FIELD: cache}, last_hidden_state=hidden,
+                                               router_logits=self.backbone.router_logits() if want_router else None)
         out = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
             inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fast_ops import Nemotron3Linear, fused_moe_relu2, fused_moe_relu2_applies, linear
+from .fast_ops import Nemotron3Linear, fused_moe_relu2, fused_moe_relu2_applies, linear, relu2_experts_fit
 from .fused_decode import SCORE_FUNCTIONS, fits, moe_block
 
 
@@ -263,15 +263,13 @@ class Nemotron3MoE(nn.Module):
         return self._finish(self.dispatcher.combine(out, weights, ctx, x.shape[0]), hidden_states)
 
     def fused_decode_block(self, norm: nn.Module, dtype: torch.dtype):
-        """A function ``h -> h + self(norm(h))`` for decode steps of one token per sequence, one CPU kernel call
-        each (default router, dispatcher and GEMM, relu^2 experts at full width, relu^2 MLP or no shared
-        expert), or None."""
+        """This block's part of a fused decode plan (`fused_decode.FusedBlock`, ``h + self(norm(h))`` in the
+        CPU kernels' decode step: default router, dispatcher and GEMM, relu^2 experts at full width, relu^2 MLP
+        or no shared expert), or None where that does not apply."""
         shared, gate, experts = self.shared_experts, self.gate, self.experts
         if (self.training or self.fc1_latent_proj is not None or type(gate) is not Nemotron3Router
                 or gate.score_function not in SCORE_FUNCTIONS or not self.uses_default_paths()
-                or experts.gate_proj is not None or experts.act is not _relu2
-                or not (experts.up_proj.dtype == experts.down_proj.dtype == dtype)
-                or experts.up_proj.device.type != "cpu"
+                or not relu2_experts_fit(experts, dtype)
                 or (shared is not None and not (type(shared) is Nemotron3MLP and shared.act is _relu2
                                                 and fits(dtype, shared.up_proj, shared.down_proj)))):
             return None
