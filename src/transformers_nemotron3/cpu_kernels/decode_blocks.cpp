@@ -30,8 +30,10 @@ at::Tensor mamba_block(const at::Tensor& h, const at::Tensor& norm_w, double nor
                        const at::Tensor& D, at::Tensor ssm, const at::Tensor& gnorm_w, int64_t n_groups,
                        double gnorm_eps, double dt_lo, double dt_hi, const at::Tensor& out_w,
                        const optional<at::Tensor>& out_b, std::vector<at::Tensor>* recorded) {
+  nemotron3::hint_weight(in_w);
   const at::Tensor x = nemotron3::rms_norm(h, norm_w, norm_eps, h.scalar_type());
   const at::Tensor zxbcdt = nemotron3::small_linear(x, in_w, in_b, false);
+  nemotron3::hint_weight(out_w);
   const nemotron3::Floats a_log(A_log);
   std::vector<float> A(A_log.numel());  // -exp(A_log.float()), as the mixer computes it
   for (size_t i = 0; i < A.size(); ++i) A[i] = -std::exp(a_log.get()[i]);
@@ -71,17 +73,24 @@ at::Tensor attention_block(const at::Tensor& h, const at::Tensor& norm_w, double
   const int64_t b = h.size(0), T = h.size(1), kv_heads = keys.size(1), total = length + T;
   TORCH_CHECK(keys.size(0) == b && keys.size(3) == head_dim && total <= keys.size(2) &&
                   values.sizes() == keys.sizes(), "nemotron3_cpu.attention_block: the key/value buffers do not fit");
+  nemotron3::hint_weight(q_w);
   const at::Tensor x = nemotron3::rms_norm(h, norm_w, norm_eps, h.scalar_type());
-  const at::Tensor q = nemotron3::small_linear(x, q_w, q_b, false).view({b, T, num_heads, head_dim}).transpose(1, 2);
+  const at::Tensor q = nemotron3::small_linear(x, q_w, q_b, false).view({b, T, num_heads, head_dim});
+  nemotron3::hint_weight(k_w);
   const at::Tensor k = nemotron3::small_linear(x, k_w, k_b, false).view({b, T, kv_heads, head_dim}).transpose(1, 2);
+  nemotron3::hint_weight(v_w);
   const at::Tensor v = nemotron3::small_linear(x, v_w, v_b, false).view({b, T, kv_heads, head_dim}).transpose(1, 2);
+  nemotron3::hint_weight(o_w);
   keys.narrow(2, length, T).copy_(k);
   values.narrow(2, length, T).copy_(v);
-  optional<at::Tensor> mask;
-  if (T > 1) mask = at::ones({T, total}, h.options().dtype(at::kBool)).tril(length);
-  const at::Tensor out = at::scaled_dot_product_attention(q, keys.narrow(2, 0, total), values.narrow(2, 0, total),
-                                                          mask, 0.0, false, scale, num_heads != kv_heads);
-  return residual(h, nemotron3::small_linear(out.transpose(1, 2).reshape({b, T, -1}), o_w, o_b, false));
+  at::Tensor out = nemotron3::decode_attention(q, keys, values, length, scale);  // [b, T, heads, d]
+  if (!out.defined()) {  // ATen's sdpa (the module's path): a causal mask among several new tokens
+    optional<at::Tensor> mask;
+    if (T > 1) mask = at::ones({T, total}, h.options().dtype(at::kBool)).tril(length);
+    out = at::scaled_dot_product_attention(q.transpose(1, 2), keys.narrow(2, 0, total), values.narrow(2, 0, total),
+                                           mask, 0.0, false, scale, num_heads != kv_heads).transpose(1, 2);
+  }
+  return residual(h, nemotron3::small_linear(out.reshape({b, T, -1}), o_w, o_b, false));
 }
 
 // Returns (h + moe(RMSNorm(h)), router logits [T, E] fp32). Non-gated relu^2 experts, full-width routing
@@ -94,6 +103,7 @@ std::tuple<at::Tensor, at::Tensor> moe_block(
     const optional<at::Tensor>& shared_up_b, const optional<at::Tensor>& shared_down_w,
     const optional<at::Tensor>& shared_down_b, const at::Tensor& up, const at::Tensor& down) {
   const int64_t width = h.size(-1);
+  nemotron3::hint_weight(router_w);
   const at::Tensor x = nemotron3::rms_norm(h, norm_w, norm_eps, h.scalar_type()).view({-1, width});
   const int64_t tokens = x.size(0);
   const at::Tensor logits = nemotron3::linear_f32(x, router_w);
@@ -102,8 +112,10 @@ std::tuple<at::Tensor, at::Tensor> moe_block(
                    topk_idx, weights);
   const bool shared = shared_up_w.has_value() && shared_up_w->defined();
   auto shared_expert = [&] {
-    return nemotron3::small_linear(nemotron3::small_linear(x, *shared_up_w, shared_up_b, true), *shared_down_w,
-                                   shared_down_b, false);
+    nemotron3::hint_weight(*shared_up_w);
+    const at::Tensor u = nemotron3::small_linear(x, *shared_up_w, shared_up_b, true);
+    nemotron3::hint_weight(*shared_down_w);
+    return nemotron3::small_linear(u, *shared_down_w, shared_down_b, false);
   };
   if (h.scalar_type() == at::kFloat) {  // fp32: the routed sum goes straight into the shared expert's output
     at::Tensor acc = shared ? shared_expert().contiguous() : at::zeros({tokens, width}, x.options());
@@ -131,8 +143,11 @@ std::tuple<at::Tensor, at::Tensor> moe_block(
 // h + down(relu2(up(RMSNorm(h)))): a dense MLP block (`-` layers)
 at::Tensor mlp_block(const at::Tensor& h, const at::Tensor& norm_w, double norm_eps, const at::Tensor& up_w,
                      const optional<at::Tensor>& up_b, const at::Tensor& down_w, const optional<at::Tensor>& down_b) {
+  nemotron3::hint_weight(up_w);
   const at::Tensor x = nemotron3::rms_norm(h, norm_w, norm_eps, h.scalar_type());
-  return residual(h, nemotron3::small_linear(nemotron3::small_linear(x, up_w, up_b, true), down_w, down_b, false));
+  const at::Tensor u = nemotron3::small_linear(x, up_w, up_b, true);
+  nemotron3::hint_weight(down_w);
+  return residual(h, nemotron3::small_linear(u, down_w, down_b, false));
 }
 
 // Reads a decode plan's flat argument lists in order (layout: see decode_step below).
@@ -187,6 +202,7 @@ decode_step(const at::Tensor& h_or_embeddings, const optional<at::Tensor>& input
             const c10::List<optional<at::Tensor>>& tensors, at::ArrayRef<double> floats, at::IntArrayRef ints,
             const c10::List<at::Tensor>& states, at::IntArrayRef kv_lengths, const optional<at::Tensor>& final_norm_w,
             double final_eps, const optional<at::Tensor>& lm_w, bool record) {
+  const nemotron3::TeamScope team;  // helpers for the products, reading ahead through the serial parts
   at::Tensor h = h_or_embeddings;
   if (input_ids.has_value() && input_ids->defined()) {
     TORCH_CHECK(input_ids->dim() == 2, "nemotron3_cpu.decode_step: input_ids must be [b, T]");
@@ -249,6 +265,7 @@ decode_step(const at::Tensor& h_or_embeddings, const optional<at::Tensor>& input
                   kv == kv_lengths.size(), "nemotron3_cpu.decode_step: the plan has arguments left over");
   std::vector<at::Tensor> normed, logits;
   if (final_norm_w.has_value() && final_norm_w->defined()) {
+    if (lm_w.has_value() && lm_w->defined()) nemotron3::hint_weight(*lm_w);
     normed.push_back(nemotron3::rms_norm(h, *final_norm_w, final_eps, h.scalar_type()));
     if (lm_w.has_value() && lm_w->defined())
       logits.push_back(nemotron3::small_linear(normed[0], *lm_w, {}, false).to(at::kFloat));

@@ -39,7 +39,7 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const c10
   sizes.back() = O;
   at::Tensor y = at::empty(sizes, x.options());  // bf16 results are rounded in the kernel and stored as bf16
   auto run = [&](const auto* xp, const auto* wp, auto* yp) {
-    at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
+    parallel_rows(O, kGrain, [&](int64_t o0, int64_t o1) {
       if (relu2)
         rows_any<true>(xp, I, M, wp, I, o0, o1, yp, O, b.get());
       else
@@ -62,7 +62,7 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight) {
   at::Tensor y = at::empty({M, O}, x2.options());
   float* yp = y.data_ptr<float>();
   const float* xp = x2.data_ptr<float>();
-  at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
+  parallel_rows(O, kGrain, [&](int64_t o0, int64_t o1) {
     if (weight.scalar_type() == at::kBFloat16)
       rows_any<false, float, bf16, float, false>(xp, I, M, weight.data_ptr<bf16>(), I, o0, o1, yp, O, nullptr);
     else
@@ -129,6 +129,16 @@ void moe_relu2_impl(const at::Tensor& x, const at::Tensor& up, const at::Tensor&
   for (int64_t e = 0; e < E; ++e)
     if (count[e]) used.push_back(e);
   const int64_t U = static_cast<int64_t>(used.size());
+  // in a decode step, the helpers start on their parts of the up products (rows of the used experts end to end)
+  if (Team::owner() && U > 0) {
+    const int64_t threads = row_threads(U * F, kGrain), row = H * static_cast<int64_t>(sizeof(WT));
+    const char* base = reinterpret_cast<const char*>(up.data_ptr<WT>());
+    auto at_row = [&](int64_t r) { return base + (used[std::min(r / F, U - 1)] * F + r % F) * row; };
+    Team::get().hint([&](int t) {
+      const int64_t r = part_begin(U * F, kGrain, threads, t);
+      return r >= U * F ? base : at_row(r);
+    }, base + E * F * row);
+  }
 
   const auto f32 = xc.options().dtype(at::kFloat);
   at::Tensor xg = at::empty({R, H}, xc.options());  // token rows in expert order
@@ -146,7 +156,7 @@ void moe_relu2_impl(const at::Tensor& x, const at::Tensor& up, const at::Tensor&
   float* accp = acc.data_ptr<float>();
 
   // up + relu2: rows of all used experts laid end to end, split across threads
-  at::parallel_for(0, U * F, kGrain, [&](int64_t a, int64_t b) {
+  parallel_rows(U * F, kGrain, [&](int64_t a, int64_t b) {
     for (int64_t u = a / F; u < U && u * F < b; ++u) {
       const int64_t e = used[u];
       const int64_t f0 = std::max(a, u * F) - u * F, f1 = std::min(b, (u + 1) * F) - u * F;
@@ -157,8 +167,10 @@ void moe_relu2_impl(const at::Tensor& x, const at::Tensor& up, const at::Tensor&
       }
     }
   });
+  if (U > 0)  // the helpers' first chunks of the down products start with the first used expert
+    hint_rows(dnp + used[0] * H * F, H, F * static_cast<int64_t>(sizeof(WT)));
   // down, then the weighted sum into acc: threads own output columns, so every thread visits every expert
-  at::parallel_for(0, H, kGrain, [&](int64_t o0, int64_t o1) {
+  parallel_rows(H, kGrain, [&](int64_t o0, int64_t o1) {
     for (int64_t u = 0; u < U; ++u) {
       const int64_t e = used[u];
       rows_any<false>(hxp + start[e] * F, F, count[e], dnp + e * H * F, F, o0, o1, ogp + start[e] * H, H, nullptr);
@@ -203,7 +215,7 @@ at::Tensor mamba_step_impl(const at::Tensor& zxbcdt, at::Tensor& conv_state, con
   const float lo = static_cast<float>(dt_lo), hi = static_cast<float>(dt_hi);
   const T* tag = nullptr;  // selects round_like's rounding for T
 
-  at::parallel_for(0, B * G, 1, [&](int64_t u0, int64_t u1) {
+  parallel_rows(B * G, 1, [&](int64_t u0, int64_t u1) {
     std::vector<float> xs(group_width), Bs(N), Cs(N), ys(group_width);
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t b = u / G, g = u % G;
@@ -435,6 +447,75 @@ void route(const at::Tensor& logits, const at::Tensor& correction_bias, int64_t 
     }
     for (int64_t j = 0; j < k; ++j) w[j] *= static_cast<float>(scaling);
   }
+}
+
+template <typename ET>
+void attention_impl(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, int64_t length,
+                    double scale, at::Tensor& out) {
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), KV = keys.size(1);
+  const int64_t group = H / KV, units = B * H * T, total = length + T;
+  const ET* qp = q.data_ptr<ET>();
+  const ET* kp = keys.data_ptr<ET>();
+  const ET* vp = values.data_ptr<ET>();
+  ET* op = out.data_ptr<ET>();
+  const int64_t ks0 = keys.stride(0), ks1 = keys.stride(1), ks2 = keys.stride(2);
+  const int64_t vs0 = values.stride(0), vs1 = values.stride(1), vs2 = values.stride(2);
+  const float sc = static_cast<float>(scale);
+  const ET* tag = nullptr;  // round_like: bf16 models round the probabilities as ATen's flash attention does
+  // one unit per (sequence, head, token); few units of short context run on one thread
+  const int64_t chunk = units * total * D < (1 << 16) ? units : 1;
+  parallel_rows(units, chunk, [&](int64_t u0, int64_t u1) {
+    std::vector<float> p(total), acc(D);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / (H * T), h = u / T % H, t = u % T, n = length + t + 1;  // causal: keys 0..length+t
+      const ET* qr = qp + ((b * T + t) * H + h) * D;
+      const ET* kb = kp + b * ks0 + (h / group) * ks1;
+      const ET* vb = vp + b * vs0 + (h / group) * vs1;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < n; ++j) {
+        const ET* kr = kb + j * ks2;
+        float d = 0.f;
+#pragma omp simd reduction(+ : d)
+        for (int64_t i = 0; i < D; ++i) d += static_cast<float>(qr[i]) * static_cast<float>(kr[i]);
+        p[j] = d * sc;
+        mx = std::max(mx, p[j]);
+      }
+      float sum = 0.f;
+      for (int64_t j = 0; j < n; ++j) {
+        const float e = std::exp(p[j] - mx);
+        sum += e;
+        p[j] = round_like(e, tag);
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        const ET* vr = vb + j * vs2;
+        const float w = p[j];
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) acc[i] += w * static_cast<float>(vr[i]);
+      }
+      ET* orow = op + ((b * T + t) * H + h) * D;
+      for (int64_t i = 0; i < D; ++i) orow[i] = static_cast<ET>(acc[i] / sum);
+    }
+  });
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, int64_t length,
+                            double scale) {
+  TORCH_CHECK(q.dim() == 4 && keys.dim() == 4 && values.sizes() == keys.sizes() && q.size(0) == keys.size(0) &&
+                  q.size(3) == keys.size(3) && keys.size(1) > 0 && q.size(2) % keys.size(1) == 0 &&
+                  length + q.size(1) <= keys.size(2) && keys.scalar_type() == q.scalar_type() &&
+                  values.scalar_type() == q.scalar_type(),
+              "nemotron3_cpu.decode_attention: q ", q.sizes(), " does not fit keys/values ", keys.sizes());
+  const at::Tensor qc = q.contiguous();
+  if (keys.stride(3) != 1 || values.stride(3) != 1) return at::Tensor();  // the caller falls back to sdpa
+  at::Tensor out = at::empty(qc.sizes(), qc.options());
+  if (q.scalar_type() == at::kBFloat16)
+    attention_impl<bf16>(qc, keys, values, length, scale, out);
+  else if (q.scalar_type() == at::kFloat)
+    attention_impl<float>(qc, keys, values, length, scale, out);
+  else
+    return at::Tensor();
+  return out;
 }
 
 bool has_avx512() {

@@ -48,6 +48,14 @@ void route(const at::Tensor& logits, const at::Tensor& correction_bias, int64_t 
            int64_t n_group, int64_t topk_group, bool norm_topk_prob, double scaling, at::Tensor& topk_idx,
            at::Tensor& weights);
 
+// Attention of the T new tokens of each sequence to the first length + T cached keys / values (causal among
+// the new ones), as ATen's sdpa computes it (fp32 sums; bf16 models round the unnormalised probabilities to
+// bf16 before the value sum): q [b, T, heads, d]; keys / values [b, kv_heads, capacity, d] with the new
+// tokens' already written at length..; heads a multiple of kv_heads (GQA). Returns [b, T, heads, d], or an
+// undefined tensor where it does not apply (strided head dim, other dtypes).
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, int64_t length,
+                            double scale);
+
 bool has_avx512();
 
 }  // namespace nemotron3

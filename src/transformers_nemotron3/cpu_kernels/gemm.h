@@ -7,9 +7,12 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <type_traits>
 #include <vector>
+
+#include "team.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -259,5 +262,63 @@ inline void check_f32(const at::Tensor& t, const char* name) {
 }
 
 constexpr int64_t kGrain = 16;  // fewer output rows than this run on one thread
+
+// The first row of part t when [0, n) is cut into `threads` equal parts on chunk boundaries.
+inline int64_t part_begin(int64_t n, int64_t chunk, int64_t threads, int64_t t) {
+  return t >= threads ? n : std::min(n, (n * t / threads + chunk - 1) / chunk * chunk);
+}
+
+// The threads a product of n rows in chunks of `chunk` runs on: the decode step's team when the calling
+// thread has it open (team.h), else ATen's (OpenMP) threads; one thread for fewer than two chunks.
+inline int64_t row_threads(int64_t n, int64_t chunk) {
+  const int64_t avail = Team::owner() ? Team::get().size() : at::get_num_threads();
+  return n < 2 * chunk ? 1 : std::min<int64_t>(avail, n / chunk);
+}
+
+// fn(o0, o1) over [0, n) in chunks of `chunk`, on all threads: thread t starts on the t-th of equal parts
+// (`part_begin`) and, when that runs dry, takes chunks from the parts after it, so that whichever thread the
+// memory system serves faster does more of a memory-bound product instead of waiting for the other at the
+// end. Each chunk is taken by exactly one thread.
+template <typename F>
+void parallel_rows(int64_t n, int64_t chunk, const F& fn) {
+  const int64_t threads = row_threads(n, chunk);
+  if (threads <= 1) {
+    if (n > 0) fn(0, n);
+    return;
+  }
+  std::atomic<int64_t> next[Team::kMaxThreads];
+  for (int64_t t = 0; t < threads; ++t) next[t].store(part_begin(n, chunk, threads, t), std::memory_order_relaxed);
+  auto work = [&](int64_t t) {
+    for (int64_t k = 0; k < threads; ++k) {
+      const int64_t part = (t + k) % threads, end = part_begin(n, chunk, threads, part + 1);
+      for (int64_t o0; (o0 = next[part].fetch_add(chunk, std::memory_order_relaxed)) < end;)
+        fn(o0, std::min(o0 + chunk, end));
+    }
+  };
+  if (Team::owner()) {
+    Team::get().run([&](int t) {
+      if (t < threads) work(t);
+    });
+  } else {
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) work(t);
+    });
+  }
+}
+
+// Within a decode step: the next product reads `rows` rows of `row_bytes` from `base` (split as
+// parallel_rows with kGrain splits them); the team's helpers start reading their parts now.
+inline void hint_rows(const void* base, int64_t rows, int64_t row_bytes) {
+  if (!Team::owner() || base == nullptr) return;
+  const int64_t threads = row_threads(rows, kGrain);
+  const char* b = static_cast<const char*>(base);
+  Team::get().hint([&](int t) { return b + part_begin(rows, kGrain, threads, t) * row_bytes; }, b + rows * row_bytes);
+}
+
+// hint_rows for a [rows, features] weight matrix.
+inline void hint_weight(const at::Tensor& w) {
+  if (Team::owner() && w.defined() && w.dim() == 2 && w.is_contiguous())
+    hint_rows(w.data_ptr(), w.size(0), w.size(1) * w.element_size());
+}
 
 }  // namespace nemotron3
