@@ -196,13 +196,13 @@ enum BlockKind : int64_t { kMamba = 0, kAttention = 1, kMoE = 2, kMLP = 3 };
 // up in. Returns (hidden [b, T, H] after the last block, [final-normed hidden] when final_norm_w is given,
 // [logits [b, T, V] fp32] when lm_w is given too, router logits of the MoE blocks, and with `record` and T > 1
 // the conv and SSM states of each Mamba block after each token: layer by layer, token by token, conv then ssm).
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-           std::vector<at::Tensor>>
-decode_step(const at::Tensor& h_or_embeddings, const optional<at::Tensor>& input_ids, at::IntArrayRef kinds,
+using StepResult = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                              std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+StepResult step_blocks(const at::Tensor& h_or_embeddings, const optional<at::Tensor>& input_ids, at::IntArrayRef kinds,
             const c10::List<optional<at::Tensor>>& tensors, at::ArrayRef<double> floats, at::IntArrayRef ints,
             const c10::List<at::Tensor>& states, at::IntArrayRef kv_lengths, const optional<at::Tensor>& final_norm_w,
             double final_eps, const optional<at::Tensor>& lm_w, bool record) {
-  const nemotron3::TeamScope team;  // helpers for the products, reading ahead through the serial parts
   at::Tensor h = h_or_embeddings;
   if (input_ids.has_value() && input_ids->defined()) {
     TORCH_CHECK(input_ids->dim() == 2, "nemotron3_cpu.decode_step: input_ids must be [b, T]");
@@ -271,6 +271,20 @@ decode_step(const at::Tensor& h_or_embeddings, const optional<at::Tensor>& input
       logits.push_back(nemotron3::small_linear(normed[0], *lm_w, {}, false).to(at::kFloat));
   }
   return {h, normed, logits, router_logits, recorded};
+}
+
+// The op: step_blocks on a team of the OpenMP threads (team.h), whose helpers read ahead through the serial parts.
+StepResult decode_step(const at::Tensor& h_or_embeddings, const optional<at::Tensor>& input_ids, at::IntArrayRef kinds,
+                       const c10::List<optional<at::Tensor>>& tensors, at::ArrayRef<double> floats, at::IntArrayRef ints,
+                       const c10::List<at::Tensor>& states, at::IntArrayRef kv_lengths,
+                       const optional<at::Tensor>& final_norm_w, double final_eps, const optional<at::Tensor>& lm_w,
+                       bool record) {
+  StepResult result;
+  nemotron3::with_team([&] {
+    result = step_blocks(h_or_embeddings, input_ids, kinds, tensors, floats, ints, states, kv_lengths, final_norm_w,
+                         final_eps, lm_w, record);
+  });
+  return result;
 }
 
 }  // namespace

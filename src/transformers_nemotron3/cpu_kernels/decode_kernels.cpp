@@ -130,11 +130,11 @@ void moe_relu2_impl(const at::Tensor& x, const at::Tensor& up, const at::Tensor&
     if (count[e]) used.push_back(e);
   const int64_t U = static_cast<int64_t>(used.size());
   // in a decode step, the helpers start on their parts of the up products (rows of the used experts end to end)
-  if (Team::owner() && U > 0) {
+  if (Team* team = Team::current(); team != nullptr && U > 0) {
     const int64_t threads = row_threads(U * F, kGrain), row = H * static_cast<int64_t>(sizeof(WT));
     const char* base = reinterpret_cast<const char*>(up.data_ptr<WT>());
     auto at_row = [&](int64_t r) { return base + (used[std::min(r / F, U - 1)] * F + r % F) * row; };
-    Team::get().hint([&](int t) {
+    team->hint([&](int t) {
       const int64_t r = part_begin(U * F, kGrain, threads, t);
       return r >= U * F ? base : at_row(r);
     }, base + E * F * row);

@@ -271,7 +271,8 @@ inline int64_t part_begin(int64_t n, int64_t chunk, int64_t threads, int64_t t) 
 // The threads a product of n rows in chunks of `chunk` runs on: the decode step's team when the calling
 // thread has it open (team.h), else ATen's (OpenMP) threads; one thread for fewer than two chunks.
 inline int64_t row_threads(int64_t n, int64_t chunk) {
-  const int64_t avail = Team::owner() ? Team::get().size() : at::get_num_threads();
+  const Team* team = Team::current();
+  const int64_t avail = team != nullptr ? team->size() : at::get_num_threads();
   return n < 2 * chunk ? 1 : std::min<int64_t>(avail, n / chunk);
 }
 
@@ -295,8 +296,8 @@ void parallel_rows(int64_t n, int64_t chunk, const F& fn) {
         fn(o0, std::min(o0 + chunk, end));
     }
   };
-  if (Team::owner()) {
-    Team::get().run([&](int t) {
+  if (Team* team = Team::current()) {
+    team->run([&](int t) {
       if (t < threads) work(t);
     });
   } else {
@@ -309,15 +310,16 @@ void parallel_rows(int64_t n, int64_t chunk, const F& fn) {
 // Within a decode step: the next product reads `rows` rows of `row_bytes` from `base` (split as
 // parallel_rows with kGrain splits them); the team's helpers start reading their parts now.
 inline void hint_rows(const void* base, int64_t rows, int64_t row_bytes) {
-  if (!Team::owner() || base == nullptr) return;
+  Team* team = Team::current();
+  if (team == nullptr || base == nullptr) return;
   const int64_t threads = row_threads(rows, kGrain);
   const char* b = static_cast<const char*>(base);
-  Team::get().hint([&](int t) { return b + part_begin(rows, kGrain, threads, t) * row_bytes; }, b + rows * row_bytes);
+  team->hint([&](int t) { return b + part_begin(rows, kGrain, threads, t) * row_bytes; }, b + rows * row_bytes);
 }
 
 // hint_rows for a [rows, features] weight matrix.
 inline void hint_weight(const at::Tensor& w) {
-  if (Team::owner() && w.defined() && w.dim() == 2 && w.is_contiguous())
+  if (Team::current() != nullptr && w.defined() && w.dim() == 2 && w.is_contiguous())
     hint_rows(w.data_ptr(), w.size(0), w.size(1) * w.element_size());
 }
 

@@ -1,36 +1,30 @@
-// The threads of a whole decode step (`decode_step`): the calling thread plus helper threads that spin
-// between the step's parallel products and, while the calling thread runs the serial parts (norms, router,
-// Mamba bookkeeping, ATen calls), read ahead the weights of the next product into their caches.
+// The threads of a whole decode step (`decode_step`): one OpenMP region for the whole step, in which the
+// calling thread runs the step and the other threads of the region are helpers that spin between its
+// parallel products and, while the calling thread runs the serial parts (norms, router, Mamba bookkeeping,
+// ATen calls), read ahead the weights of the next product into their caches.
 //
-// Why: a batch-1 step is bound by reading the weights from DRAM, and with OpenMP every serial part left
-// the memory idle: on the 2-core VM of docs/benchmarks.md the second thread waited 12-15 % of small's step
-// in libgomp. Here the helper spends that time streaming the first part of the product it will run next
-// (`Team::hint`), and a product starts and ends with a few atomic operations instead of an OpenMP region.
-// Measured there (plan.run, same process kind, team vs NEMOTRON3_DECODE_TEAM=0): tiny fp32 batch 1
-// 2.15 -> 2.01 ms, small bf16 12.6 -> 11.9 ms, small fp32 within noise (21.4 ms, at ~97 % of its DRAM floor).
+// Why: a batch-1 step is bound by reading the weights from DRAM, and with an OpenMP region per product every
+// serial part left the memory idle: on the 2-core VM of docs/benchmarks.md the second thread waited 12-15 %
+// of small's step in libgomp. Here a helper spends that time streaming the first part of the product it will
+// run next (`Team::hint`), and a product starts and ends with a few atomic operations. The helpers are
+// libgomp's own workers (an earlier version ran its own threads; a worker still spinning after generate's
+// OpenMP ops between steps then shared a core with them, and tiny batch 8 went from 7.8 to 12.3 ms a token).
+// Inside the region ATen's parallel_for runs inline, so no ATen call inside the step competes either.
 //
-// Only `decode_step` opens a team (`TeamScope`), one call at a time: another thread calling meanwhile, or
-// a thread count other than the first one's, runs on OpenMP as before (NEMOTRON3_DECODE_TEAM=0: always).
-// While it is open the calling thread's OpenMP team is 1, so ATen calls inside the step run inline instead
-// of waking OpenMP workers onto the helpers' cores. Helpers spin for 5 ms after a step, so that the next one
-// finds them awake, then sleep. After fork() a child starts without helpers and makes new ones.
+// `with_team` opens it; NEMOTRON3_DECODE_TEAM=0 turns it off (each product then opens its own region, as
+// before). A product never waits for a helper that has not started on it (`Team::run`).
 #pragma once
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
-#include <chrono>
-#include <condition_variable>
 #include <cstdlib>
 #include <exception>
-#include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
-#include <vector>
 
 #include <omp.h>
-#include <pthread.h>
 
 #if defined(__AVX512F__) || defined(__SSE2__)
 #include <immintrin.h>
@@ -48,38 +42,13 @@ class Team {
   static constexpr int kMaxThreads = 64;
   static constexpr int64_t kHintBytes = 1 << 20;  // read ahead per helper and product (the L2 holds 2 MB)
 
-  static Team& get() {
-    static Team* team = new Team();  // never destroyed: helpers may still wait on it at exit
-    return *team;
+  // The team the calling thread leads (inside `with_team`), or nullptr.
+  static Team*& current() {
+    static thread_local Team* team = nullptr;
+    return team;
   }
 
-  // Whether the calling thread has the team open (only then `run` and `hint` use it).
-  static bool& owner() {
-    static thread_local bool flag = false;
-    return flag;
-  }
-  int size() const { return size_; }
-
-  // fn(t) on thread t for t in [0, size()): t = 0 is the caller; returns when every thread is done.
-  template <typename F>
-  void run(const F& fn) {
-    call_ = [](const void* f, int t) { (*static_cast<const F*>(f))(t); };
-    ctx_ = &fn;
-    error_ = nullptr;
-    pending_.store(size_ - 1, std::memory_order_relaxed);
-    seq_.fetch_add(1, std::memory_order_release);
-    std::exception_ptr mine;
-    try {
-      fn(0);
-    } catch (...) {
-      mine = std::current_exception();
-    }
-    while (pending_.load(std::memory_order_acquire) != 0) NEMOTRON3_PAUSE();  // fn must outlive every helper's part
-    if (mine) std::rethrow_exception(mine);
-    if (error_) std::rethrow_exception(error_);
-  }
-
-  // Off when NEMOTRON3_DECODE_TEAM=0 (decode steps then run their products on OpenMP threads).
+  // Off when NEMOTRON3_DECODE_TEAM=0.
   static bool enabled() {
     static const bool on = [] {
       const char* v = std::getenv("NEMOTRON3_DECODE_TEAM");
@@ -88,8 +57,36 @@ class Team {
     return on;
   }
 
-  // Helper t (1 <= t < size()) is about to run [begin_t, end) of the next product: start reading it now.
-  // `part_begin(t)` gives the first byte of helper t's part; at most kHintBytes are read ahead.
+  explicit Team(int size) { set_size(size); }
+  Team(const Team&) = delete;
+  Team& operator=(const Team&) = delete;
+
+  int size() const { return size_; }
+  void set_size(int size) { size_ = std::max(1, std::min(size, kMaxThreads)); }  // before any job or helper
+
+  // fn(t) on the caller (t = 0) and on each helper t that joins before the caller is done with fn(0); returns
+  // when every thread that joined is done. A helper the OS has not scheduled in time is not waited for, so fn
+  // must let any thread finish the work: `parallel_rows` hands out chunks to whoever asks.
+  template <typename F>
+  void run(const F& fn) {
+    call_ = [](const void* f, int t) { (*static_cast<const F*>(f))(t); };
+    ctx_ = &fn;
+    error_ = nullptr;
+    const uint64_t job = seq_.fetch_add(1) + 1;
+    std::exception_ptr mine;
+    try {
+      fn(0);
+    } catch (...) {
+      mine = std::current_exception();
+    }
+    closed_.store(job);  // helpers that have not joined yet stay out (seq_cst: see helper)
+    while (joined_.load() != 0) NEMOTRON3_PAUSE();  // fn must outlive every helper inside it
+    if (mine) std::rethrow_exception(mine);
+    if (error_) std::rethrow_exception(error_);
+  }
+
+  // Helper t (1 <= t < size()) is about to run [part_begin(t), end) of the next product: start reading it now
+  // (at most kHintBytes of it).
   template <typename PartBegin>
   void hint(const PartBegin& part_begin, const char* end) {
     for (int t = 1; t < size_; ++t) {
@@ -100,83 +97,28 @@ class Team {
     }
   }
 
-  // Open the team for the calling thread. False where it cannot: someone else has it open, one thread only,
-  // or a thread count other than the one the helpers were started for (the first open of the process, or of
-  // a forked child, fixes it: helpers are never retired, so a job can never reach a helper it did not count).
-  bool open(int threads) {
-    if (threads < 2 || threads > kMaxThreads || !mutex_.try_lock()) return false;
-    if (!started_) {
-      start(threads);
-    } else if (threads != size_) {
-      mutex_.unlock();
-      return false;
-    }
-    owner() = true;
-    {
-      std::lock_guard<std::mutex> lock(sleep_mutex_);
-      active_.store(true, std::memory_order_release);
-    }
-    wake_.notify_all();
-    return true;
-  }
-
-  void close() {
-    for (int t = 1; t < size_; ++t) slots_[t].end.store(nullptr, std::memory_order_relaxed);
-    active_.store(false, std::memory_order_release);
-    last_close_.store(now_ns(), std::memory_order_relaxed);
-    owner() = false;
-    mutex_.unlock();
-  }
-
- private:
-  struct alignas(64) Slot {
-    std::atomic<const char*> next{nullptr};
-    std::atomic<const char*> end{nullptr};
-  };
-
-  Team() {
-    pthread_atfork(nullptr, nullptr, [] { Team::get().after_fork(); });
-  }
-
-  static int64_t now_ns() {
-    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-        .count();
-  }
-
-  // Starts the helpers 1 .. threads - 1 (once per process; they live as long as it).
-  void start(int threads) {
-    size_ = threads;
-    started_ = true;
-    const uint64_t seen = seq_.load(std::memory_order_acquire);  // no job of this team has been published yet
-    for (int t = 1; t < threads; ++t) std::thread([this, t, seen] { helper(t, seen); }).detach();
-  }
-
-  void after_fork() {  // in the child: the helpers did not survive, and nobody holds the team
-    new (&mutex_) std::mutex();
-    new (&sleep_mutex_) std::mutex();
-    new (&error_mutex_) std::mutex();
-    new (&wake_) std::condition_variable();
-    active_.store(false);
-    pending_.store(0);
-    started_ = false;
-    owner() = false;
-  }
-
-  // Helper t: runs each job once (jobs come one at a time: `run` waits for all), reads ahead its hint while
-  // there is none, and sleeps a while after the team closes.
-  [[noreturn]] void helper(int t, uint64_t seen) {
+  // Helper t: joins each job it sees before the caller closes it (joined_ is raised before closed_ is read,
+  // and the caller stores closed_ before reading joined_, all seq_cst: either the caller waits for this
+  // helper or the helper sees the job closed and stays out), and reads ahead its hint while there is no job;
+  // returns when the caller stops the team.
+  void helper(int t) {
+    if (t >= size_) return;
     Slot& slot = slots_[t];
-    while (true) {
-      const uint64_t s = seq_.load(std::memory_order_acquire);
+    uint64_t seen = 0;
+    while (!stop_.load(std::memory_order_acquire)) {
+      const uint64_t s = seq_.load();
       if (s != seen) {
         seen = s;
-        try {
-          call_(ctx_, t);
-        } catch (...) {
-          std::lock_guard<std::mutex> lock(error_mutex_);
-          if (!error_) error_ = std::current_exception();
+        joined_.fetch_add(1);
+        if (closed_.load() < s) {  // job s is still open, so call_ / ctx_ are its own
+          try {
+            call_(ctx_, t);
+          } catch (...) {
+            std::lock_guard<std::mutex> lock(error_mutex_);
+            if (!error_) error_ = std::current_exception();
+          }
         }
-        pending_.fetch_sub(1, std::memory_order_release);
+        joined_.fetch_sub(1);
         continue;
       }
       const char* p = slot.next.load(std::memory_order_acquire);
@@ -186,52 +128,60 @@ class Team {
         slot.next.compare_exchange_strong(p, p + 1024, std::memory_order_relaxed);
         continue;
       }
-      if (!active_.load(std::memory_order_acquire) &&
-          now_ns() - last_close_.load(std::memory_order_relaxed) > kSpinAfterStepNs) {
-        std::unique_lock<std::mutex> lock(sleep_mutex_);
-        wake_.wait(lock, [&] { return active_.load(std::memory_order_acquire); });
-        continue;
-      }
       NEMOTRON3_PAUSE();
     }
   }
 
-  static constexpr int64_t kSpinAfterStepNs = 5'000'000;  // a generate loop's next step comes well within this
+  void stop() { stop_.store(true, std::memory_order_release); }
 
-  std::mutex mutex_;  // held by the thread that has the team open
-  std::mutex sleep_mutex_;
-  std::mutex error_mutex_;
-  std::condition_variable wake_;
-  std::exception_ptr error_;  // the first exception a helper's part threw in the current job
+ private:
+  struct alignas(64) Slot {
+    std::atomic<const char*> next{nullptr};
+    std::atomic<const char*> end{nullptr};
+  };
+
   int size_ = 1;
-  bool started_ = false;
-  alignas(64) std::atomic<uint64_t> seq_{0};
-  alignas(64) std::atomic<int> pending_{0};
+  alignas(64) std::atomic<uint64_t> seq_{0};     // the last job published
+  alignas(64) std::atomic<uint64_t> closed_{0};  // the last job the caller finished
+  alignas(64) std::atomic<int> joined_{0};       // helpers inside a job
+  std::atomic<bool> stop_{false};
   void (*call_)(const void*, int) = nullptr;
   const void* ctx_ = nullptr;
-  std::atomic<bool> active_{false};
-  std::atomic<int64_t> last_close_{0};
+  std::mutex error_mutex_;
+  std::exception_ptr error_;  // the first exception a helper's part threw in the current job
   Slot slots_[kMaxThreads];
 };
 
-// Opens the team for one decode step (the caller's OpenMP threads: see Team); a no-op when it cannot.
-class TeamScope {
- public:
-  TeamScope() : threads_(at::get_num_threads()) {
-    open_ = !Team::owner() && Team::enabled() && Team::get().open(threads_);
-    if (open_) omp_set_num_threads(1);  // this thread's OpenMP team only (at::set_num_threads is global)
+// body() on the calling thread, leading a team of this OpenMP region's threads; body() alone where there is
+// no team to have (one thread, already inside a parallel region or a team, switched off).
+template <typename Body>
+void with_team(const Body& body) {
+  if (!Team::enabled() || Team::current() != nullptr || omp_in_parallel() || at::get_num_threads() < 2) {
+    body();
+    return;
   }
-  ~TeamScope() {
-    if (!open_) return;
-    omp_set_num_threads(threads_);
-    Team::get().close();
+  Team team(omp_get_max_threads());  // outlives the region: helpers leave it only at its end
+  std::atomic<bool> ready{false};
+  std::exception_ptr error;
+#pragma omp parallel
+  {
+    if (omp_get_thread_num() == 0) {
+      team.set_size(omp_get_num_threads());
+      ready.store(true, std::memory_order_release);
+      Team::current() = &team;
+      try {
+        body();
+      } catch (...) {
+        error = std::current_exception();
+      }
+      Team::current() = nullptr;
+      team.stop();
+    } else {
+      while (!ready.load(std::memory_order_acquire)) NEMOTRON3_PAUSE();
+      team.helper(omp_get_thread_num());
+    }
   }
-  TeamScope(const TeamScope&) = delete;
-  TeamScope& operator=(const TeamScope&) = delete;
-
- private:
-  int threads_;
-  bool open_ = false;
-};
+  if (error) std::rethrow_exception(error);
+}
 
 }  // namespace nemotron3
