@@ -167,10 +167,12 @@ void moe_relu2_impl(const at::Tensor& x, const at::Tensor& up, const at::Tensor&
       }
     }
   });
+  // down, then the weighted sum into acc: threads own output columns, so every thread visits every expert, in
+  // chunks of 64 columns (16 made each expert's stream too short: tiny's batch-8 step 7.1 ms, 6.6 with 64)
+  constexpr int64_t kDownChunk = 64;
   if (U > 0)  // the helpers' first chunks of the down products start with the first used expert
-    hint_rows(dnp + used[0] * H * F, H, F * static_cast<int64_t>(sizeof(WT)));
-  // down, then the weighted sum into acc: threads own output columns, so every thread visits every expert
-  parallel_rows(H, kGrain, [&](int64_t o0, int64_t o1) {
+    hint_rows(dnp + used[0] * H * F, H, F * static_cast<int64_t>(sizeof(WT)), kDownChunk);
+  parallel_rows(H, kDownChunk, [&](int64_t o0, int64_t o1) {
     for (int64_t u = 0; u < U; ++u) {
       const int64_t e = used[u];
       rows_any<false>(hxp + start[e] * F, F, count[e], dnp + e * H * F, F, o0, o1, ogp + start[e] * H, H, nullptr);

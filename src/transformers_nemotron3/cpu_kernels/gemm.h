@@ -308,13 +308,13 @@ void parallel_rows(int64_t n, int64_t chunk, const F& fn) {
 }
 
 // Within a decode step: the next product reads `rows` rows of `row_bytes` from `base` (split as
-// parallel_rows with kGrain splits them); the team's helpers start reading their parts now.
-inline void hint_rows(const void* base, int64_t rows, int64_t row_bytes) {
+// parallel_rows with `chunk` splits them); the team's helpers start reading their parts now.
+inline void hint_rows(const void* base, int64_t rows, int64_t row_bytes, int64_t chunk = kGrain) {
   Team* team = Team::current();
   if (team == nullptr || base == nullptr) return;
-  const int64_t threads = row_threads(rows, kGrain);
+  const int64_t threads = row_threads(rows, chunk);
   const char* b = static_cast<const char*>(base);
-  team->hint([&](int t) { return b + part_begin(rows, kGrain, threads, t) * row_bytes; }, b + rows * row_bytes);
+  team->hint([&](int t) { return b + part_begin(rows, chunk, threads, t) * row_bytes; }, b + rows * row_bytes);
 }
 
 // hint_rows for a [rows, features] weight matrix.
