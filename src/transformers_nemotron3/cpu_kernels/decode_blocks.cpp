@@ -83,13 +83,8 @@ at::Tensor attention_block(const at::Tensor& h, const at::Tensor& norm_w, double
   nemotron3::hint_weight(o_w);
   keys.narrow(2, length, T).copy_(k);
   values.narrow(2, length, T).copy_(v);
-  at::Tensor out = nemotron3::decode_attention(q, keys, values, length, scale);  // [b, T, heads, d]
-  if (!out.defined()) {  // ATen's sdpa (the module's path): a causal mask among several new tokens
-    optional<at::Tensor> mask;
-    if (T > 1) mask = at::ones({T, total}, h.options().dtype(at::kBool)).tril(length);
-    out = at::scaled_dot_product_attention(q.transpose(1, 2), keys.narrow(2, 0, total), values.narrow(2, 0, total),
-                                           mask, 0.0, false, scale, num_heads != kv_heads).transpose(1, 2);
-  }
+  // what the module's sdpa computes (causal among several new tokens), without ATen's OpenMP regions (team.h)
+  const at::Tensor out = nemotron3::decode_attention(q, keys, values, length, scale);  // [b, T, heads, d]
   return residual(h, nemotron3::small_linear(out.reshape({b, T, -1}), o_w, o_b, false));
 }
 

@@ -133,10 +133,9 @@ void moe_relu2_impl(const at::Tensor& x, const at::Tensor& up, const at::Tensor&
   if (Team* team = Team::current(); team != nullptr && U > 0) {
     const int64_t threads = row_threads(U * F, kGrain), row = H * static_cast<int64_t>(sizeof(WT));
     const char* base = reinterpret_cast<const char*>(up.data_ptr<WT>());
-    auto at_row = [&](int64_t r) { return base + (used[std::min(r / F, U - 1)] * F + r % F) * row; };
     team->hint([&](int t) {
       const int64_t r = part_begin(U * F, kGrain, threads, t);
-      return r >= U * F ? base : at_row(r);
+      return r >= U * F ? base : base + (used[r / F] * F + r % F) * row;
     }, base + E * F * row);
   }
 
@@ -508,15 +507,17 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
                   length + q.size(1) <= keys.size(2) && keys.scalar_type() == q.scalar_type() &&
                   values.scalar_type() == q.scalar_type(),
               "nemotron3_cpu.decode_attention: q ", q.sizes(), " does not fit keys/values ", keys.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
+              "nemotron3_cpu.decode_attention: float32 or bfloat16 only, got ", q.scalar_type());
   const at::Tensor qc = q.contiguous();
-  if (keys.stride(3) != 1 || values.stride(3) != 1) return at::Tensor();  // the caller falls back to sdpa
+  // the cache's buffers are contiguous; anything else is read through a copy
+  const at::Tensor kc = keys.stride(3) == 1 ? keys : keys.contiguous();
+  const at::Tensor vc = values.stride(3) == 1 ? values : values.contiguous();
   at::Tensor out = at::empty(qc.sizes(), qc.options());
   if (q.scalar_type() == at::kBFloat16)
-    attention_impl<bf16>(qc, keys, values, length, scale, out);
-  else if (q.scalar_type() == at::kFloat)
-    attention_impl<float>(qc, keys, values, length, scale, out);
+    attention_impl<bf16>(qc, kc, vc, length, scale, out);
   else
-    return at::Tensor();
+    attention_impl<float>(qc, kc, vc, length, scale, out);
   return out;
 }
 

@@ -51,8 +51,8 @@ void route(const at::Tensor& logits, const at::Tensor& correction_bias, int64_t 
 // Attention of the T new tokens of each sequence to the first length + T cached keys / values (causal among
 // the new ones), as ATen's sdpa computes it (fp32 sums; bf16 models round the unnormalised probabilities to
 // bf16 before the value sum): q [b, T, heads, d]; keys / values [b, kv_heads, capacity, d] with the new
-// tokens' already written at length..; heads a multiple of kv_heads (GQA). Returns [b, T, heads, d], or an
-// undefined tensor where it does not apply (strided head dim, other dtypes).
+// tokens' already written at length..; heads a multiple of kv_heads (GQA); float32 or bfloat16. Returns
+// [b, T, heads, d].
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, int64_t length,
                             double scale);
 

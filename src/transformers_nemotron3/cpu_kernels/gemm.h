@@ -269,11 +269,12 @@ inline int64_t part_begin(int64_t n, int64_t chunk, int64_t threads, int64_t t) 
 }
 
 // The threads a product of n rows in chunks of `chunk` runs on: the decode step's team when the calling
-// thread has it open (team.h), else ATen's (OpenMP) threads; one thread for fewer than two chunks.
+// thread has it open (team.h), else ATen's (OpenMP) threads; one thread for fewer than two chunks; at most
+// Team::kMaxThreads (parallel_rows keeps a counter per thread).
 inline int64_t row_threads(int64_t n, int64_t chunk) {
   const Team* team = Team::current();
   const int64_t avail = team != nullptr ? team->size() : at::get_num_threads();
-  return n < 2 * chunk ? 1 : std::min<int64_t>(avail, n / chunk);
+  return n < 2 * chunk ? 1 : std::min<int64_t>({avail, n / chunk, Team::kMaxThreads});
 }
 
 // fn(o0, o1) over [0, n) in chunks of `chunk`, on all threads: thread t starts on the t-th of equal parts

@@ -57,7 +57,7 @@ class Team {
     return on;
   }
 
-  explicit Team(int size) { set_size(size); }
+  Team() = default;
   Team(const Team&) = delete;
   Team& operator=(const Team&) = delete;
 
@@ -160,7 +160,7 @@ void with_team(const Body& body) {
     body();
     return;
   }
-  Team team(omp_get_max_threads());  // outlives the region: helpers leave it only at its end
+  Team team;  // outlives the region: helpers leave it only at its end
   std::atomic<bool> ready{false};
   std::exception_ptr error;
 #pragma omp parallel
