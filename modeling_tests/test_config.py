@@ -51,8 +51,8 @@ def load(d: dict) -> Nemotron3Config:
 def test_nano_config():
     c = load(NANO)
     assert c.num_hidden_layers == 52
-    assert c.layers_block_type.count("mamba") == 23 and c.layers_block_type.count("moe") == 23
-    assert [i for i, b in enumerate(c.layers_block_type) if b == "attention"] == [5, 12, 19, 26, 33, 42]
+    assert c.layers_block_type.count("linear_attention") == 23 and c.layers_block_type.count("moe") == 23
+    assert [i for i, b in enumerate(c.layers_block_type) if b == "full_attention"] == [5, 12, 19, 26, 33, 42]
     assert c.mamba_intermediate_size == 4096 and c.mamba_conv_dim == 6144
     assert c.time_step_limit == (0.0, float("inf"))
     assert c.moe_latent_size is None and c.num_nextn_predict_layers == 0
@@ -61,7 +61,7 @@ def test_nano_config():
 def test_super_config_latent_and_mtp():
     c = load(SUPER)
     assert c.num_hidden_layers == 88 and c.moe_latent_size == 1024
-    assert c.mtp_layers_block_type == ["attention", "moe"] and c.num_nextn_predict_layers == 1
+    assert c.mtp_layers_block_type == ["full_attention", "moe"] and c.num_nextn_predict_layers == 1
     assert c.eos_token_id == [2, 11]
 
 

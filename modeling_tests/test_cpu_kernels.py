@@ -249,7 +249,7 @@ def test_speculative_rollback_with_kernels_equals_recompute(kernels):
         kernels.calls.clear()
         verify = model(torch.cat([ids[:, 10:12], wrong], dim=1), past_key_values=cache, use_cache=True).logits
         assert kernels.calls == ["decode_step"]  # the whole verification is one fused call
-        recorded = [len(st.history) for st in cache.layers.values() if getattr(st, "history", None) is not None]
+        recorded = [len(st.history) for st in cache.layers if getattr(st, "history", None) is not None]
         assert recorded == [4, 4]  # 4 tokens x 2 Mamba layers
         cache.keep_first(2)
         rest = model(ids[:, 12:14], past_key_values=cache, use_cache=True).logits

@@ -37,36 +37,36 @@ def test_all_blocks_model_bf16_layers_are_exactly_the_recipe_ones():
     # layers: 0 mamba, 1 attention, 2 moe, 3 mlp, 4 mamba, 5 moe (ceil(0.15*6) = 1 last layer)
     plan = plan_nvfp4(_model())
     assert _gemm_names(plan, "bf16") == [
-        "backbone.layers.0.mixer.out_proj",                       # Mamba out_proj (MXFP8 in Super)
-        "backbone.layers.1.mixer.q_proj", "backbone.layers.1.mixer.k_proj",
-        "backbone.layers.1.mixer.v_proj", "backbone.layers.1.mixer.o_proj",  # attention
-        "backbone.layers.4.mixer.out_proj",
-        "backbone.layers.5.mixer.experts",                        # final 15 % of layers
-        "backbone.layers.5.mixer.shared_experts.up_proj", "backbone.layers.5.mixer.shared_experts.down_proj",
+        "model.layers.0.mixer.out_proj",                       # Mamba out_proj (MXFP8 in Super)
+        "model.layers.1.mixer.q_proj", "model.layers.1.mixer.k_proj",
+        "model.layers.1.mixer.v_proj", "model.layers.1.mixer.o_proj",  # attention
+        "model.layers.4.mixer.out_proj",
+        "model.layers.5.mixer.experts",                        # final 15 % of layers
+        "model.layers.5.mixer.shared_experts.up_proj", "model.layers.5.mixer.shared_experts.down_proj",
         "lm_head",
     ]
     assert _gemm_names(plan, "nvfp4") == [
-        "backbone.layers.0.mixer.in_proj",
-        "backbone.layers.2.mixer.experts",
-        "backbone.layers.2.mixer.shared_experts.up_proj", "backbone.layers.2.mixer.shared_experts.down_proj",
-        "backbone.layers.3.mixer.up_proj", "backbone.layers.3.mixer.down_proj",
-        "backbone.layers.4.mixer.in_proj",
+        "model.layers.0.mixer.in_proj",
+        "model.layers.2.mixer.experts",
+        "model.layers.2.mixer.shared_experts.up_proj", "model.layers.2.mixer.shared_experts.down_proj",
+        "model.layers.3.mixer.up_proj", "model.layers.3.mixer.down_proj",
+        "model.layers.4.mixer.in_proj",
     ]
     kinds = {d.name: (d.kind, d.precision) for d in plan}
-    assert kinds["backbone.embeddings"] == ("embedding", "bf16")
-    assert kinds["backbone.layers.2.mixer.gate"] == ("router", "bf16")
+    assert kinds["model.embeddings"] == ("embedding", "bf16")
+    assert kinds["model.layers.2.mixer.gate"] == ("router", "bf16")
 
 
 def test_super_style_model_keeps_latent_projections_and_mtp_in_bf16():
     plan = plan_nvfp4(_model("latent_groups_mtp"))
     nvfp4 = _gemm_names(plan, "nvfp4")
     assert nvfp4 == [
-        "backbone.layers.0.mixer.in_proj",
-        "backbone.layers.1.mixer.experts",
-        "backbone.layers.1.mixer.shared_experts.up_proj", "backbone.layers.1.mixer.shared_experts.down_proj",
+        "model.layers.0.mixer.in_proj",
+        "model.layers.1.mixer.experts",
+        "model.layers.1.mixer.shared_experts.up_proj", "model.layers.1.mixer.shared_experts.down_proj",
     ]
     bf16 = _gemm_names(plan, "bf16")
-    assert "backbone.layers.1.mixer.fc1_latent_proj" in bf16 and "backbone.layers.1.mixer.fc2_latent_proj" in bf16
+    assert "model.layers.1.mixer.fc1_latent_proj" in bf16 and "model.layers.1.mixer.fc2_latent_proj" in bf16
     assert all(n in bf16 for n in _gemm_names(plan, "bf16") if n.startswith("mtp."))
     assert any(n.startswith("mtp.") for n in bf16)
 
@@ -77,7 +77,7 @@ def test_recipe_layer_cut_matches_super_and_options():
     assert NVFP4Recipe(bf16_first_layers=2, bf16_last_fraction=0.0).bf16_layers(10) == {0, 1}
     plan = plan_nvfp4(_model(), NVFP4Recipe(mamba_out_proj="nvfp4", quantize_experts=False, bf16_last_fraction=0.0))
     nv = _gemm_names(plan, "nvfp4")
-    assert "backbone.layers.0.mixer.out_proj" in nv and "backbone.layers.5.mixer.shared_experts.up_proj" in nv
+    assert "model.layers.0.mixer.out_proj" in nv and "model.layers.5.mixer.shared_experts.up_proj" in nv
     assert not any(n.endswith("experts") for n in nv)
 
 

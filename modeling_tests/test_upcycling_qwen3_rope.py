@@ -61,7 +61,7 @@ def _llama(kind: str):
 def test_qwen3_exact(qwen3, setting):
     moe = upcycle(qwen3, UpcyclingConfig(**SETTINGS[setting]))
     assert moe.config.attention_qk_norm and moe.config.hybrid_override_pattern == "*E*E"
-    assert torch.equal(moe.state_dict()["backbone.layers.2.mixer.k_norm.weight"],
+    assert torch.equal(moe.state_dict()["model.layers.2.mixer.k_norm.weight"],
                        qwen3.state_dict()["model.layers.1.self_attn.k_norm.weight"])
     assert _max_diff(qwen3, moe) <= TOL
 
@@ -70,7 +70,7 @@ def test_qwen3_oracle_is_sensitive(qwen3):
     """Dropping the q/k norms makes the upcycled model clearly different: the check above can fail."""
     moe = upcycle(qwen3, UpcyclingConfig(**SETTINGS["E8G1T2"]))
     for layer in moe.backbone.layers:
-        if layer.block_type == "attention":
+        if layer.block_type == "full_attention":
             layer.mixer.use_qk_norm = False
     assert _max_diff(qwen3, moe) > 1e-2
 

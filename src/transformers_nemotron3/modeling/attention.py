@@ -81,8 +81,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([xr, xp], dim=-1) if xp.shape[-1] else xr
 
 
-def eager_attention(q, k, v, mask: torch.Tensor | None, scale: float, causal: bool, dropout: float, training: bool):
-    """Reference attention with fp32 softmax; ``mask`` is boolean [b, 1, q, k] or None."""
+def eager_attention(q, k, v, mask: torch.Tensor | None, scale: float, causal: bool, dropout: float, training: bool,
+                    return_weights: bool = False):
+    """Reference attention with fp32 softmax; ``mask`` is boolean [b, 1, q, k] or None. With ``return_weights``,
+    returns ``(output, probabilities [b, heads, q, k])``."""
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
@@ -94,7 +96,8 @@ def eager_attention(q, k, v, mask: torch.Tensor | None, scale: float, causal: bo
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     probs = F.dropout(probs, p=dropout, training=training)
-    return torch.matmul(probs, v)
+    out = torch.matmul(probs, v)
+    return (out, probs) if return_weights else out
 
 
 class Nemotron3Attention(nn.Module):
@@ -133,9 +136,10 @@ class Nemotron3Attention(nn.Module):
     def project_qkv(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None):
         """q ``[b, h, l, d]``, k and v ``[b, kv_h, l, d]``: projections, per-head q/k norm, then RoPE."""
         b, length, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, length, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden_states).view(b, length, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden_states).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # heads inferred (-1): under tensor parallelism each rank holds a slice of them
+        q = self.q_proj(hidden_states).view(b, length, -1, self.head_dim)
+        k = self.k_proj(hidden_states).view(b, length, -1, self.head_dim)
+        v = self.v_proj(hidden_states).view(b, length, -1, self.head_dim).transpose(1, 2)
         if self.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
@@ -147,10 +151,12 @@ class Nemotron3Attention(nn.Module):
     def fused_decode_block(self, norm: nn.Module, cache, dtype: torch.dtype, mask: torch.Tensor | None):
         """This block's part of a fused decode plan (`fused_decode.FusedBlock`, ``h + self(norm(h))`` in the
         CPU kernels' decode step: plain sdpa attention, no mask, RoPE, q/k norm or dropout), or None."""
+        from .cache import AttentionLayer
+
         state = cache.get(self.layer_idx) if cache is not None else None
         impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
-        if (state is None or state.keys is None or mask is not None or impl != "sdpa" or self.use_rope
-                or self.use_qk_norm or self.training or state.keys.dtype != dtype
+        if (not isinstance(state, AttentionLayer) or state.key_buffer is None or mask is not None or impl != "sdpa"
+                or self.use_rope or self.use_qk_norm or self.training or state.key_buffer.dtype != dtype
                 or not fits(dtype, self.q_proj, self.k_proj, self.v_proj, self.o_proj)):
             return None
         return attention_block(norm, self, state)
@@ -162,31 +168,35 @@ class Nemotron3Attention(nn.Module):
         mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         padding_mask_2d: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns ``(output, attention probabilities or None)``; the probabilities come from the eager kernel
+        (``attn_implementation="eager"``), as in transformers' models."""
         b, length, _ = hidden_states.shape
         q, k, v = self.project_qkv(hidden_states, position_ids)
-        state = cache.get(self.layer_idx) if cache is not None else None
-        if state is not None:
-            k, v = state.update(k, v)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         causal = length > 1 and mask is None
         dropout = self.config.attention_dropout if self.training else 0.0
         impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
+        weights = None
         if impl == "eager":
-            out = eager_attention(q, k, v, mask, self.scaling, causal, dropout, self.training)
+            out, weights = eager_attention(q, k, v, mask, self.scaling, causal, dropout, self.training,
+                                           return_weights=True)
         elif impl == "sdpa":
             if causal and k.shape[2] != length:  # continuation with a cache: sdpa's is_causal is top-left aligned
                 mask = torch.ones(length, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - length)
                 causal = False
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
-                                                 scale=self.scaling, enable_gqa=self.num_key_value_groups > 1)
+                                                 scale=self.scaling, enable_gqa=q.shape[1] != k.shape[1])
         else:
             from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-            out, _ = ALL_ATTENTION_FUNCTIONS[impl](
+            out, weights = ALL_ATTENTION_FUNCTIONS[impl](
                 self, q, k, v, padding_mask_2d, dropout=dropout, scaling=self.scaling, position_ids=position_ids
             )
-            return self.o_proj(out.reshape(b, length, -1))
-        return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+            return self.o_proj(out.reshape(b, length, -1)), weights
+        return self.o_proj(out.transpose(1, 2).reshape(b, length, -1)), weights
 
 
 __all__ = ["Nemotron3Attention", "eager_attention", "apply_rotary", "rope_inv_freq", "rotary_cos_sin"]

@@ -45,9 +45,9 @@ class Nemotron3Block(_BlockBase):
         self.layer_idx = layer_idx
         self.block_type = block_type
         self.norm = Nemotron3RMSNorm(config.hidden_size, config.layer_norm_epsilon)
-        if block_type == "mamba":
+        if block_type == "linear_attention":
             self.mixer = Nemotron3Mamba2Mixer(config, layer_idx)
-        elif block_type == "attention":
+        elif block_type == "full_attention":
             self.mixer = Nemotron3Attention(config, layer_idx)
         elif block_type == "moe":
             self.mixer = Nemotron3MoE(config, layer_idx)
@@ -74,10 +74,11 @@ class Nemotron3Block(_BlockBase):
                 return out
         residual = hidden_states
         x = self.norm(hidden_states)
-        if self.block_type == "mamba":
+        if self.block_type == "linear_attention":
             x = self.mixer(x, cache=cache, padding_mask=padding_mask, seq_idx=seq_idx)
-        elif self.block_type == "attention":
-            x = self.mixer(x, cache=cache, mask=attn_mask, position_ids=position_ids, padding_mask_2d=padding_mask_2d)
+        elif self.block_type == "full_attention":
+            x, _ = self.mixer(x, cache=cache, mask=attn_mask, position_ids=position_ids,
+                              padding_mask_2d=padding_mask_2d)
         else:
             x = self.mixer(x)
         return residual + x
@@ -87,9 +88,9 @@ class Nemotron3Block(_BlockBase):
         unit a `DecodePlan` is built from), or None where the kernels do not cover it."""
         if type(self.norm) is not Nemotron3RMSNorm:
             return None
-        if self.block_type == "mamba":
+        if self.block_type == "linear_attention":
             return self.mixer.fused_decode_block(self.norm, cache, dtype)
-        if self.block_type == "attention":
+        if self.block_type == "full_attention":
             return self.mixer.fused_decode_block(self.norm, cache, dtype, attn_mask)
         if self.block_type == "moe":
             return self.mixer.fused_decode_block(self.norm, dtype)

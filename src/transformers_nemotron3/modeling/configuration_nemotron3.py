@@ -15,17 +15,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from huggingface_hub.dataclasses import strict
 from transformers import PretrainedConfig
 
 # One character per layer in `hybrid_override_pattern`.
-PATTERN_TO_BLOCK = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+PATTERN_TO_BLOCK = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 BLOCK_TO_PATTERN = {v: k for k, v in PATTERN_TO_BLOCK.items()}
-# Names used by transformers' native config (5.24 names first, 5.3 names second).
+# Layer-type names accepted in `layers_block_type` / `layer_types`: transformers' vocabulary (what native NemotronH
+# 5.24+ writes and this class stores) and the 5.3-era names.
 NATIVE_BLOCK_NAMES = {
-    "linear_attention": "mamba",
-    "full_attention": "attention",
-    "mamba": "mamba",
-    "attention": "attention",
+    "linear_attention": "linear_attention",
+    "full_attention": "full_attention",
+    "mamba": "linear_attention",
+    "attention": "full_attention",
     "moe": "moe",
     "mlp": "mlp",
 }
@@ -117,6 +119,7 @@ def _normalize_rope_scaling(value: Any) -> dict[str, Any] | None:
     return out
 
 
+@strict
 class Nemotron3Config(PretrainedConfig):
     """Configuration of a Nemotron 3 model.
 
@@ -145,6 +148,21 @@ class Nemotron3Config(PretrainedConfig):
 
     model_type = "nemotron3"
     keys_to_ignore_at_inference = ["cache"]
+    # the official checkpoints' model type (what config.json says); read silently by this class
+    checkpoint_model_type = "nemotron_h"
+    # transformers' tensor- and expert-parallel plans, as native NemotronH's (Mamba layers stay replicated)
+    base_model_tp_plan = {
+        "embeddings": "embedding_rowwise",
+        "layers.*.mixer.q_proj": "colwise",
+        "layers.*.mixer.k_proj": "colwise",
+        "layers.*.mixer.v_proj": "colwise",
+        "layers.*.mixer.o_proj": "rowwise",
+    }
+    base_model_ep_plan = {
+        "layers.*.mixer.experts.up_proj": "grouped_gemm",
+        "layers.*.mixer.experts.down_proj": "grouped_gemm",
+        "layers.*.mixer.experts": "ep_dispatch_experts",
+    }
 
     def __init__(
         self,
@@ -253,6 +271,16 @@ class Nemotron3Config(PretrainedConfig):
             )
         mtp_source = mtp_hybrid_override_pattern if mtp_hybrid_override_pattern is not None else mtp_layers_block_type
         mtp_blocks = parse_block_types(mtp_source if mtp_source is not None else "*E", "mtp_hybrid_override_pattern")
+        # transformers' base first: its own validators then run before our layer list exists (they reject the
+        # `mlp` kind, which this class's `validate_layer_type` allows, as native NemotronH's does)
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            **kwargs,
+        )
+
 
         self.vocab_size = vocab_size
         self.use_cache = use_cache
@@ -319,25 +347,48 @@ class Nemotron3Config(PretrainedConfig):
         self.moe_bias_update_rate = moe_bias_update_rate
         self.mtp_loss_scale = mtp_loss_scale
         self.mtp_num_depths = mtp_num_depths
-        super().__init__(
-            tie_word_embeddings=tie_word_embeddings,
-            pad_token_id=pad_token_id,
-            bos_token_id=bos_token_id,
-            eos_token_id=eos_token_id,
-            **kwargs,
-        )
-        self.validate()
+        self.check_values()
 
     # ------------------------------------------------------------------ derived values
+    @property
+    def layer_types(self) -> list[str]:
+        """Alias of ``layers_block_type`` (as in native NemotronH): ``linear_attention`` (Mamba-2), ``full_attention``,
+        ``moe``, ``mlp`` per layer, read by transformers' caches (``DynamicCache(config=...)``) and masks."""
+        return list(self.layers_block_type)
+
+    def validate_layer_type(self) -> None:
+        """transformers' layer-type check, with this family's ``mlp`` kind allowed (as native NemotronH does)."""
+        allowed = set(PATTERN_TO_BLOCK.values())
+        types = self.__dict__.get("layers_block_type")
+        if types is None:  # transformers' base init validates before this class has set its layers
+            return
+        bad = sorted(set(types) - allowed)
+        if bad:
+            raise ValueError(f"layer types {bad} are not Nemotron 3 block kinds; use {sorted(allowed)}.")
+
+    @property
+    def mtp_layer_types(self) -> list[str]:
+        """The MTP head's layer kinds in transformers' vocabulary."""
+        return list(self.mtp_layers_block_type)
+
     @property
     def hybrid_override_pattern(self) -> str:
         """The layer pattern as the official one-character-per-layer string."""
         return "".join(BLOCK_TO_PATTERN[b] for b in self.layers_block_type)
 
+    @hybrid_override_pattern.setter
+    def hybrid_override_pattern(self, value: str | list[str]) -> None:
+        self.layers_block_type = parse_block_types(value, "hybrid_override_pattern")
+        self.num_hidden_layers = len(self.layers_block_type)
+
     @property
     def mtp_hybrid_override_pattern(self) -> str:
         """The MTP block pattern as a string (``"*E"`` for Super/Ultra)."""
         return "".join(BLOCK_TO_PATTERN[b] for b in self.mtp_layers_block_type)
+
+    @mtp_hybrid_override_pattern.setter
+    def mtp_hybrid_override_pattern(self, value: str | list[str]) -> None:
+        self.mtp_layers_block_type = parse_block_types(value, "mtp_hybrid_override_pattern")
 
     @property
     def mamba_intermediate_size(self) -> int:
@@ -364,8 +415,8 @@ class Nemotron3Config(PretrainedConfig):
         self.moe_aux_loss_coef = float(value)
 
     # ------------------------------------------------------------------ validation
-    def validate(self) -> None:
-        """Check every value; raise ValueError naming the key and the fix."""
+    def check_values(self) -> None:
+        """Check every value; raise ValueError naming the key and the fix (run when the config is built)."""
 
         def need(cond: bool, msg: str) -> None:
             if not cond:
@@ -455,6 +506,22 @@ class Nemotron3Config(PretrainedConfig):
                      "`rope_scaling_params['original_max_position_embeddings']` must be a positive integer.")
 
     # ------------------------------------------------------------------ official on-disk form
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """transformers' reader; an official ``model_type: nemotron_h`` is this class's own format, so it is read
+        without the "model of type ... to instantiate a model of type ..." warning."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == cls.checkpoint_model_type:
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
+
+    def to_json_file(self, json_file_path, use_diff: bool = True) -> None:
+        """Write the official ``nemotron_h`` config.json (every key, as vLLM and NVIDIA's tools read it)."""
+        import json
+
+        with open(json_file_path, "w", encoding="utf-8") as writer:
+            writer.write(json.dumps(self.to_official_dict(), indent=2, sort_keys=True) + "\n")
+
     def to_official_dict(self) -> dict[str, Any]:
         """The config as the official ``nemotron_h`` config.json that vLLM and NVIDIA's tools read."""
         d = self.to_dict()
@@ -468,6 +535,9 @@ class Nemotron3Config(PretrainedConfig):
             d["mtp_hybrid_override_pattern"] = self.mtp_hybrid_override_pattern
         d["time_step_limit"] = list(self.time_step_limit)
         d["norm_eps"] = self.layer_norm_epsilon
+        for key in ("_attn_implementation_internal", "_experts_implementation_internal", "layer_types",
+                    "mtp_layer_types"):
+            d.pop(key, None)
         return d
 
 

@@ -55,7 +55,7 @@ class FusedBlock:
 
 
 def mamba_block(norm: nn.Module, mixer: nn.Module, state) -> FusedBlock:
-    """A Mamba-2 block; ``state`` is the layer's `MambaState`."""
+    """A Mamba-2 block; ``state`` is the layer's `cache.MambaLayer`."""
     lo, hi = mixer.time_step_limit
     return FusedBlock(FusedBlock.MAMBA, [
         norm.weight, mixer.in_proj.weight, mixer.in_proj.bias, mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias,
@@ -64,7 +64,7 @@ def mamba_block(norm: nn.Module, mixer: nn.Module, state) -> FusedBlock:
 
 
 def attention_block(norm: nn.Module, attn: nn.Module, state) -> FusedBlock:
-    """An attention block (plain sdpa, no mask); ``state`` is the layer's `KVState`, one longer per step."""
+    """An attention block (plain sdpa, no mask); ``state`` is the layer's `cache.AttentionLayer`, one longer per step."""
     return FusedBlock(FusedBlock.ATTENTION, [
         norm.weight, attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight, attn.k_proj.bias, attn.v_proj.weight,
         attn.v_proj.bias, attn.o_proj.weight, attn.o_proj.bias,
@@ -122,7 +122,7 @@ class DecodePlan:
                 mamba.append(st)
             else:
                 st.reserve(st.length + tokens)  # room for this step's keys/values (may move the buffers)
-                states += (st.keys, st.values)
+                states += (st.key_buffer, st.value_buffer)
                 lengths.append(st.length)
         record = tokens > 1 and bool(mamba)
         out, normed, logits, routers, recorded = self.op(
@@ -132,6 +132,8 @@ class DecodePlan:
             lm_head.weight if lm_head is not None else None, record)
         for st in self.kv:
             st.length += tokens
+        for st in mamba:
+            st.seen += tokens
         for attrs, r in zip(self.moe_attrs, routers):
             attrs["last_router_logits"] = r  # a plain attribute: skip nn.Module.__setattr__ on the hot path
         if record:  # per Mamba layer, per token: (conv, ssm) after that token, as the modules record them
@@ -167,7 +169,7 @@ def cached_plan(owner: nn.Module, layers, cache, dtype: torch.dtype, extra: tupl
 def _state_ready(state) -> bool:
     if state is None:  # MoE / MLP layers hold no state
         return True
-    return state.has_previous if hasattr(state, "has_previous") else state.keys is not None
+    return state.has_previous if hasattr(state, "has_previous") else state.key_buffer is not None
 
 
 __all__ = ["decode_ready", "fits", "FusedBlock", "DecodePlan", "cached_plan", "mamba_block", "attention_block",

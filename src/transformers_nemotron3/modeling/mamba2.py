@@ -19,6 +19,7 @@ from .fast_ops import Nemotron3Linear, fused_mamba_step
 from .fused_decode import fits, mamba_block
 from .norms import rms_norm
 from .ssd import ssd_chunked, ssd_step
+from .cache import Nemotron3HybridCache, mamba_layer
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ class Nemotron3Mamba2Mixer(nn.Module):
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.mamba_num_heads
         self.head_dim = config.mamba_head_dim
@@ -197,27 +199,44 @@ class Nemotron3Mamba2Mixer(nn.Module):
         padding_mask: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """hidden_states [b, l, d]; padding_mask [b, l] bool (True = real token); cache: a layer state."""
+        """hidden_states [b, l, d]; padding_mask [b, l] bool (True = real token); cache: a transformers `Cache`."""
         b, length, _ = hidden_states.shape
         dtype = hidden_states.dtype
         if padding_mask is not None:
             hidden_states = hidden_states * padding_mask[..., None].to(dtype)
         zxbcdt = self.in_proj(hidden_states)
         A = -torch.exp(self.A_log.float())
-        state = cache.get(self.layer_idx) if cache is not None else None
+        state = mamba_layer(cache, self.layer_idx, self.config, b, dtype, hidden_states.device)
 
+        if state is not None and state.history is not None and length > 1 and not state.has_previous:
+            # recording from the first forward (assisted decoding): scan the prompt, then step through the tokens
+            # that may be rolled back, so each has its recorded state
+            steps = min(length - 1, max(state.recurrent_states_to_keep, 1))
+            head = self._prefill(zxbcdt[:, : length - steps], A, state, dtype,
+                                 padding_mask[:, : length - steps] if padding_mask is not None else None,
+                                 seq_idx[:, : length - steps] if seq_idx is not None else None)
+            return torch.cat([head, self._steps(zxbcdt[:, length - steps :], A, state, dtype)], dim=1)
         if state is not None and state.has_previous and (length == 1 or state.history is not None):
-            # decode steps, one token at a time; while recording (speculative verification of several
-            # tokens) the state after each token is kept for rollback
-            record = length > 1
-            ys = []
-            for t in range(length):
-                ys.append(self._decode_normed(zxbcdt[:, t : t + 1], A, state, dtype))
-                if record:
-                    state.history.append((state.conv.clone(), state.ssm.clone()))
-            return self.out_proj(torch.cat(ys, dim=1) if record else ys[0])
+            return self._steps(zxbcdt, A, state, dtype)
+        return self._prefill(zxbcdt, A, state, dtype, padding_mask, seq_idx)
+
+    def _steps(self, zxbcdt: torch.Tensor, A: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
+        """Decode steps, one token at a time; while recording (speculative verification of several tokens)
+        the state after each token is kept for rollback."""
+        length = zxbcdt.shape[1]
+        ys = []
+        for t in range(length):
+            ys.append(self._decode_normed(zxbcdt[:, t : t + 1], A, state, dtype))
+            state.seen += 1
+            if state.history is not None:
+                state.record()
+        return self.out_proj(torch.cat(ys, dim=1) if length > 1 else ys[0])
+
+    def _prefill(self, zxbcdt, A, state, dtype, padding_mask, seq_idx) -> torch.Tensor:
         z, xbc, dt = zxbcdt.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         y = self._scan(z, xbc, dt, A, state, padding_mask, seq_idx)
+        if state is not None:
+            state.seen += zxbcdt.shape[1]
         return self.out_proj(self.norm(y, z, dtype))
 
     # ------------------------------------------------------------------ prefill / training
@@ -264,7 +283,7 @@ class Nemotron3Mamba2Mixer(nn.Module):
         """This block's part of a fused decode plan (`fused_decode.FusedBlock`, ``h + self(norm(h))`` in the
         CPU kernels' decode step), or None where that does not apply (no cached state yet, other dtypes,
         replaced projections)."""
-        state = cache.get(self.layer_idx) if cache is not None else None
+        state = cache.get(self.layer_idx) if isinstance(cache, Nemotron3HybridCache) else None
         if (state is None or not state.has_previous or state.conv.dtype != dtype
                 or state.ssm.dtype != torch.float32 or not fits(dtype, self.in_proj, self.out_proj)):
             return None

@@ -1,38 +1,46 @@
 """Nemotron 3 models: `Nemotron3Model` (the backbone) and `Nemotron3ForCausalLM` (backbone + lm_head + MTP).
 
-Parameter names follow the official checkpoints (``backbone.layers.N.mixer...``, ``lm_head``,
-``mtp.layers.N...``) except that routed experts are stored as 3-D tensors; `checkpoint_io.py`
-converts to and from the one-tensor-per-expert files. This file and its single-dot imports are
-copied next to saved weights, so a plain transformers install loads them with ``trust_remote_code``.
+Parameters are named like transformers' native NemotronH (``model.layers.N.mixer...``, fused 3-D routed experts,
+``lm_head``) plus ``mtp.layers.N...`` for the multi-token-prediction head. Loading and saving are transformers'
+own ``from_pretrained`` / ``save_pretrained``; the official on-disk layout (``backbone.*``, one tensor per expert)
+is a conversion mapping (`checkpoint_layout.py`). This file and its single-dot imports are copied next to saved
+weights, so a plain transformers install loads them with ``trust_remote_code``.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .attention import Nemotron3Attention
+from .blocks import Nemotron3Block, Nemotron3RMSNorm
+from .cache import Nemotron3HybridCache, seq_length
+from .checkpoint_layout import load_official_state_dict_hook
+from .configuration_nemotron3 import Nemotron3Config
 from .fast_ops import Nemotron3Linear
 from .fused_decode import cached_plan, decode_ready, fits
-from .blocks import Nemotron3Block, Nemotron3RMSNorm
-from .cache import Nemotron3HybridCache
-from .checkpoint_io import CheckpointMixin
-from .configuration_nemotron3 import Nemotron3Config
-from .mamba2 import Nemotron3Mamba2Mixer
+from .mamba2 import GatedRMSNorm, Nemotron3Mamba2Mixer
 from .moe import Nemotron3Experts, Nemotron3MoE, Nemotron3Router
 from .mtp import Nemotron3MTP
 
-_CACHE_ALIASES = ("cache", "past_key_values", "cache_params")
 try:  # transformers >= 5.24 names the generation cache `cache`; earlier 5.x releases `past_key_values`
     from transformers.generation.utils import ALL_CACHE_NAMES as _ALL_CACHE_NAMES
 except ImportError:  # pragma: no cover
     _ALL_CACHE_NAMES = ["past_key_values"]
 CACHE_FIELD = "cache" if "cache" in _ALL_CACHE_NAMES else "past_key_values"
+_CACHE_ALIASES = ("cache", "past_key_values", "cache_params")
 
 
 @dataclass
@@ -45,6 +53,7 @@ class Nemotron3ModelOutput(ModelOutput):
     else:
         past_key_values: Nemotron3HybridCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
     aux_loss: torch.Tensor | None = None
 
@@ -60,6 +69,7 @@ class Nemotron3CausalLMOutput(ModelOutput):
     else:
         past_key_values: Nemotron3HybridCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
     aux_loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
@@ -104,54 +114,153 @@ def build_attention_mask(
     return mask[:, None]
 
 
-class Nemotron3PreTrainedModel(CheckpointMixin, PreTrainedModel):
-    """Weight init and the flags transformers reads."""
+AUTO_MAP = {
+    "AutoConfig": "configuration_nemotron3.Nemotron3Config",
+    "AutoModel": "modeling_nemotron3.Nemotron3Model",
+    "AutoModelForCausalLM": "modeling_nemotron3.Nemotron3ForCausalLM",
+}
+
+
+class Nemotron3PreTrainedModel(PreTrainedModel):
+    """Weight init, the flags transformers reads, and saving in the official layout with remote code."""
 
     config_class = Nemotron3Config
-    base_model_prefix = "backbone"
+    base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["Nemotron3Block"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = False
+    _supports_attention_backend = False
     _is_stateful = True
-    _tied_weights_keys: dict = {}
-    _keep_in_fp32_modules = ["gate"]
+    _can_compile_fullgraph = False
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
+    _can_record_outputs = {
+        "hidden_states": Nemotron3Block,
+        "attentions": OutputRecorder(Nemotron3Attention, index=1),
+        "router_logits": OutputRecorder(Nemotron3Router, index=0),
+    }
+
+    def __init__(self, config: Nemotron3Config, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        # Trainer's resume / best-model reload call load_state_dict on the official files save_pretrained wrote
+        self.register_load_state_dict_pre_hook(load_official_state_dict_hook)
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True  # the experts (moe.py) use @use_experts_implementation; transformers looks only in this file
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """``"eager"`` (this package's experts path: dispatcher / GEMM seams, CPU decode kernels) unless another is
+        asked for; SwiGLU experts (``moe_gated_experts``) run eagerly only."""
+        if requested_experts is None:
+            return "eager"
+        if requested_experts != "eager" and getattr(self.config, "moe_gated_experts", False):
+            raise ValueError(
+                f"experts_implementation={requested_experts!r} needs transformers' fused gate_up layout; this model's "
+                "SwiGLU experts (moe_gated_experts=True) keep separate gate/up weights and run with 'eager'."
+            )
+        return super().get_correct_experts_implementation(requested_experts)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        """Initialise one module; parameters loaded from a checkpoint are left alone (transformers' ``init``
+        helpers skip them)."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            module.weight.normal_(0.0, std)
+            init.normal_(module.weight, 0.0, std)
             if module.bias is not None:
-                module.bias.zero_()
+                init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            module.weight.normal_(0.0, std)
+            init.normal_(module.weight, 0.0, std)
         elif isinstance(module, nn.Conv1d):
             bound = 1 / math.sqrt(module.kernel_size[0])
-            module.weight.uniform_(-bound, bound)
+            init.uniform_(module.weight, -bound, bound)
             if module.bias is not None:
-                module.bias.uniform_(-bound, bound)
-        elif isinstance(module, Nemotron3RMSNorm) or type(module).__name__ == "GatedRMSNorm":
-            module.weight.fill_(1.0)
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, (Nemotron3RMSNorm, GatedRMSNorm)):
+            init.ones_(module.weight)
         elif isinstance(module, Nemotron3Router):
-            module.weight.normal_(0.0, std)
-            module.e_score_correction_bias.zero_()
+            init.normal_(module.weight, 0.0, std)
+            init.zeros_(module.e_score_correction_bias)
         elif isinstance(module, Nemotron3Experts):
             for p in (module.up_proj, module.down_proj, module.gate_proj):
                 if p is not None:
-                    p.normal_(0.0, std)
+                    init.normal_(p, 0.0, std)
         elif isinstance(module, Nemotron3Mamba2Mixer):
             c = self.config
-            module.A_log.copy_(torch.log(torch.arange(1, c.mamba_num_heads + 1, dtype=torch.float32)))
-            module.D.fill_(1.0)
+            init.copy_(module.A_log, torch.log(torch.arange(1, c.mamba_num_heads + 1, dtype=torch.float32)))
+            init.ones_(module.D)
             dt = torch.exp(torch.rand(c.mamba_num_heads) * (math.log(c.time_step_max) - math.log(c.time_step_min))
                            + math.log(c.time_step_min)).clamp(min=c.time_step_floor)
-            module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, push_to_hub: bool = False,
+                        **kwargs) -> None:
+        """transformers' ``save_pretrained`` (every option), writing the official layout and this modeling code.
+
+        The files are written to a temporary folder beside ``save_directory`` and moved in at the end, so an
+        interrupted save leaves an earlier checkpoint there intact; weight files of the same name family that the
+        new save does not contain (stale shards) are removed. ``save_original_format=False`` writes transformers'
+        fused layout (``model.*``) instead. ``push_to_hub=True`` uploads the saved folder afterwards (transformers'
+        ``push_to_hub`` options: ``repo_id``, ``private``, ``token``, ``commit_message``, ...).
+        """
+        if not is_main_process:
+            return super().save_pretrained(save_directory, *args, is_main_process=False, **kwargs)
+        target = Path(save_directory)
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"{target} exists and is not a directory; choose another save_directory.")
+        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "private", "commit_message", "create_pr", "revision",
+                                                  "commit_description", "tags") if k in kwargs}
+        token = kwargs.get("token")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.config.auto_map = dict(AUTO_MAP)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=str(target.parent)))
+        try:
+            super().save_pretrained(str(tmp), *args, is_main_process=True, push_to_hub=False, **kwargs)
+            _move_into(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", target.name)
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=token)
+            repo = api.create_repo(repo_id, private=hub_kwargs.pop("private", None), exist_ok=True)
+            api.upload_folder(repo_id=repo.repo_id, folder_path=str(target),
+                              commit_message=hub_kwargs.pop("commit_message", None) or "Upload Nemotron 3 model",
+                              **{k: v for k, v in hub_kwargs.items() if k in ("create_pr", "revision",
+                                                                             "commit_description")})
+
+
+def _move_into(tmp: Path, target: Path) -> None:
+    """Move the finished files of ``tmp`` into ``target`` (each rename atomic), removing stale weight files of the
+    families just written (e.g. old shards of ``model-*.safetensors`` when the new save has fewer)."""
+    import re
+
+    target.mkdir(parents=True, exist_ok=True)
+    new = {p.name for p in tmp.iterdir()}
+
+    def family(name: str) -> str | None:
+        if not name.endswith((".safetensors", ".bin", ".index.json")):
+            return None
+        return re.sub(r"-\d{5}-of-\d{5}", "", name).replace(".index.json", "")
+
+    families = {family(n) for n in new} - {None}
+    for old in target.iterdir():
+        if old.name not in new and old.is_file() and family(old.name) in families:
+            old.unlink()
+    for item in tmp.iterdir():
+        dest = target / item.name
+        if dest.is_dir() and not item.is_dir():
+            shutil.rmtree(dest)
+        os.replace(item, dest)
 
 
 class Nemotron3Model(Nemotron3PreTrainedModel):
     """Embeddings, the hybrid stack of blocks, final RMSNorm."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^mtp\.", r"^lm_head\."]
 
     def __init__(self, config: Nemotron3Config) -> None:
         super().__init__(config)
@@ -207,6 +316,7 @@ class Nemotron3Model(Nemotron3PreTrainedModel):
             "position_ids": position_ids,
         }
 
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -215,39 +325,37 @@ class Nemotron3Model(Nemotron3PreTrainedModel):
         cache: Nemotron3HybridCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
         seq_idx: torch.Tensor | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> Nemotron3ModelOutput:
-        """Run the backbone. ``seq_idx`` [b, l] (or restarting ``position_ids`` without a mask) packs sequences."""
+        """Run the backbone. ``seq_idx`` [b, l] (or restarting ``position_ids`` without a mask) packs sequences.
+
+        ``output_hidden_states`` / ``output_attentions`` / ``output_router_logits`` and ``return_dict`` (arguments
+        or config) are handled by transformers' output capturing; ``cache`` is any transformers `Cache` holding
+        this model's layers (`Nemotron3HybridCache` is created when ``use_cache`` and none is given).
+        """
         cache = _pop_cache(kwargs, cache)
+        recording = any(kwargs.get(f"output_{k}", getattr(self.config, f"output_{k}", False))
+                        for k in ("hidden_states", "attentions", "router_logits"))
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if not output_hidden_states:
+        if not recording:
             fused = self.fused_decode(input_ids, inputs_embeds, attention_mask, cache, seq_idx)
             if fused is not None:
-                return self._output(fused[0], cache if use_cache else None, None)
+                return self._output(fused[0], cache if use_cache else None)
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)
         if use_cache and cache is None:
             cache = Nemotron3HybridCache(self.config, inputs_embeds.shape[0], inputs_embeds.dtype, inputs_embeds.device)
-        past = cache.seen_tokens if cache is not None else 0
+        check_cache(cache)
+        past = seq_length(cache)
         args = self.mask_args(inputs_embeds, attention_mask, position_ids, past, seq_idx)
-        output_hidden_states = output_hidden_states or False
         hidden = inputs_embeds
-        all_hidden = [] if output_hidden_states else None
         for layer in self.layers:
-            if all_hidden is not None:
-                all_hidden.append(hidden)
             hidden = layer(hidden, cache=cache, **args)
         hidden = self.norm_f(hidden)
-        if all_hidden is not None:
-            all_hidden.append(hidden)
-        if cache is not None:
-            cache.seen_tokens = past + inputs_embeds.shape[1]
-        return self._output(hidden, cache if use_cache else None, all_hidden)
+        return self._output(hidden, cache if use_cache else None)
 
     def _moe_layers(self) -> list[Nemotron3MoE]:
         return [layer.mixer for layer in self.layers if isinstance(layer.mixer, Nemotron3MoE)]
@@ -257,14 +365,10 @@ class Nemotron3Model(Nemotron3PreTrainedModel):
         moe = self._moe_layers()
         return tuple(m.last_router_logits for m in moe) if moe else None
 
-    def _output(self, hidden: torch.Tensor, cache, all_hidden: list | None) -> Nemotron3ModelOutput:
+    def _output(self, hidden: torch.Tensor, cache) -> Nemotron3ModelOutput:
         aux = [m.last_aux_loss for m in self._moe_layers() if m.last_aux_loss is not None]
         return Nemotron3ModelOutput(
-            last_hidden_state=hidden,
-            **{CACHE_FIELD: cache},
-            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
-            router_logits=self.router_logits(),
-            aux_loss=torch.stack(aux).sum() if aux else None,
+            last_hidden_state=hidden, **{CACHE_FIELD: cache}, aux_loss=torch.stack(aux).sum() if aux else None,
         )
 
     def fused_decode(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
@@ -276,8 +380,9 @@ class Nemotron3Model(Nemotron3PreTrainedModel):
         kernels do not cover, ...), and the modules run instead."""
         x = input_ids if input_ids is not None else inputs_embeds
         dtype = self.embeddings.weight.dtype if input_ids is not None else inputs_embeds.dtype
-        if (cache is None or not cache.seen_tokens or seq_idx is not None or self.training
+        if (not isinstance(cache, Nemotron3HybridCache) or seq_idx is not None or self.training
                 or x.dim() != (2 if input_ids is not None else 3) or not decode_ready(x, dtype)
+                or not cache.seen_tokens
                 or (attention_mask is not None and not bool(attention_mask.all()))
                 or type(self.norm_f) is not Nemotron3RMSNorm
                 or (input_ids is not None and type(self.embeddings) is not nn.Embedding)
@@ -290,28 +395,43 @@ class Nemotron3Model(Nemotron3PreTrainedModel):
             _, hidden, logits = plan.run(self.embeddings.weight, input_ids, self.norm_f, lm_head)
         else:
             _, hidden, logits = plan.run(inputs_embeds, None, self.norm_f, lm_head)
-        cache.seen_tokens += x.shape[1]
         return hidden, logits
+
+
+def check_cache(cache) -> None:
+    """Reject caches the model cannot use, naming the fix (rather than computing with them wrongly)."""
+    if cache is None or isinstance(cache, Nemotron3HybridCache):
+        return
+    from transformers.cache_utils import Cache, StaticLayer
+
+    if not isinstance(cache, Cache):
+        raise ValueError(f"`cache` must be a transformers Cache, got {type(cache).__name__}; pass "
+                         "`Nemotron3HybridCache(model.config, batch_size)`, `DynamicCache(config=model.config)` or none.")
+    if any(isinstance(layer, StaticLayer) for layer in cache.layers):
+        raise ValueError("Static caches are not supported by Nemotron 3 (its attention layers need the dynamic "
+                         "hybrid cache); drop `cache_implementation='static'` / the StaticCache and use the default.")
 
 
 class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
     """Nemotron 3 causal LM: backbone, untied ``lm_head``, optional MTP head and its training loss."""
 
-    _keys_to_ignore_on_load_unexpected = None
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+    # tied only when config.tie_word_embeddings is true (the official checkpoints are untied)
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
 
     def __init__(self, config: Nemotron3Config) -> None:
         super().__init__(config)
-        self.backbone = Nemotron3Model(config)
+        self.model = Nemotron3Model(config)
         self.lm_head = Nemotron3Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mtp = Nemotron3MTP(config) if config.num_nextn_predict_layers > 0 else None
         self.post_init()
 
     # --- accessors transformers / TRL use
     def get_input_embeddings(self) -> nn.Embedding:
-        return self.backbone.embeddings
+        return self.model.embeddings
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.backbone.embeddings = value
+        self.model.embeddings = value
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
@@ -320,13 +440,14 @@ class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def get_decoder(self) -> Nemotron3Model:
-        return self.backbone
+        return self.model
 
     @property
-    def model(self) -> Nemotron3Model:
-        """Alias of ``backbone`` for code written against transformers' NemotronH."""
-        return self.backbone
+    def backbone(self) -> Nemotron3Model:
+        """The backbone under its official-checkpoint name (``model`` in memory, ``backbone.*`` on disk)."""
+        return self.model
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -337,28 +458,33 @@ class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        output_hidden_states: bool | None = None,
-        output_router_logits: bool | None = None,
         seq_idx: torch.Tensor | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> Nemotron3CausalLMOutput:
-        """Logits for the kept positions; with ``labels`` the loss (labels are shifted inside, -100 ignored)."""
+        """Logits for the kept positions; with ``labels`` (shifted inside, -100 ignored) or ``shift_labels``
+        (already shifted, e.g. by context parallelism) the loss: LM + MoE aux + ``mtp_loss_scale`` * MTP.
+
+        Other keyword arguments follow transformers: ``output_hidden_states``, ``output_attentions``,
+        ``output_router_logits``, ``return_dict`` (defaults from the config), ``num_items_in_batch``."""
         cache = _pop_cache(kwargs, cache)
-        if (labels is None and not output_hidden_states and isinstance(logits_to_keep, int) and logits_to_keep <= 1
-                and (use_cache is not False)):
-            fused = self.backbone.fused_decode(input_ids, inputs_embeds, attention_mask, cache, seq_idx, self.lm_head)
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}
+        want_router = kwargs.get("output_router_logits", self.config.output_router_logits)
+        recording = any(kwargs.get(f"output_{k}", getattr(self.config, f"output_{k}", False))
+                        for k in ("hidden_states", "attentions"))
+        wants_loss = labels is not None or loss_kwargs.get("shift_labels") is not None
+        if (not wants_loss and not recording and isinstance(logits_to_keep, int) and logits_to_keep <= 1
+                and use_cache is not False):
+            fused = self.model.fused_decode(input_ids, inputs_embeds, attention_mask, cache, seq_idx, self.lm_head)
             if fused is not None:  # a decode step through the CPU kernels
                 hidden, logits = fused
                 if logits_to_keep == 1 and logits.shape[1] > 1:
                     logits = logits[:, -1:]
-                want_router = output_router_logits or self.config.output_router_logits
                 return Nemotron3CausalLMOutput(logits=logits, **{CACHE_FIELD: cache}, last_hidden_state=hidden,
-                                               router_logits=self.backbone.router_logits() if want_router else None)
-        out = self.backbone(
+                                               router_logits=self.model.router_logits() if want_router else None)
+        kwargs["output_router_logits"] = want_router
+        out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-            inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
-            seq_idx=seq_idx,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, seq_idx=seq_idx, return_dict=True, **kwargs,
         )
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -367,43 +493,46 @@ class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
             kept = hidden[:, logits_to_keep]
         logits = self.lm_head(kept).float()
         loss = lm_loss = mtp_loss = None
-        if labels is not None:
-            if logits.shape[1] != labels.shape[1]:
+        if wants_loss:
+            if logits.shape[1] != hidden.shape[1]:
                 raise ValueError("`labels` need logits for every position; call with logits_to_keep=0.")
-            lm_loss = self.loss_function(logits, labels, self.config.vocab_size, **_loss_kwargs(kwargs))
+            targets = _shifted_targets(labels, loss_kwargs.pop("shift_labels", None))
+            lm_loss = self.loss_function(logits, None, self.config.vocab_size, shift_labels=targets, **loss_kwargs)
             loss = lm_loss
             if out.aux_loss is not None:
                 loss = loss + out.aux_loss
             if self.mtp is not None and self.training and self.config.mtp_loss_scale > 0:
-                mtp_loss = self.mtp_loss(hidden, input_ids, inputs_embeds, labels, attention_mask, seq_idx,
-                                         position_ids, **_loss_kwargs(kwargs))
+                mtp_loss = self.mtp_loss(hidden, input_ids, inputs_embeds, targets, attention_mask, seq_idx,
+                                         position_ids, **loss_kwargs)
                 loss = loss + self.config.mtp_loss_scale * mtp_loss
         return Nemotron3CausalLMOutput(
             loss=loss, logits=logits, **{CACHE_FIELD: out[CACHE_FIELD] if CACHE_FIELD in out else None},
-            hidden_states=out.hidden_states,
-            router_logits=out.router_logits if (output_router_logits or self.config.output_router_logits) else None,
+            hidden_states=out.hidden_states, attentions=out.attentions,
+            router_logits=out.router_logits if want_router else None,
             aux_loss=out.aux_loss, lm_loss=lm_loss, mtp_loss=mtp_loss, last_hidden_state=hidden,
         )
 
     # ------------------------------------------------------------------ MTP
-    def mtp_loss(self, hidden, input_ids, inputs_embeds, labels, attention_mask, seq_idx, position_ids, **kw):
-        """Mean over depths d = 1..mtp_num_depths of the loss of predicting token t+1+d from position t."""
+    def mtp_loss(self, hidden, input_ids, inputs_embeds, targets, attention_mask, seq_idx, position_ids, **kw):
+        """Mean over depths d = 1..mtp_num_depths of the loss of predicting token t+1+d from position t.
+
+        ``targets`` are the shifted labels (``targets[t]`` is the token after t, -100 ignored)."""
         if self.mtp is None:
             raise ValueError("This model has no MTP head (`num_nextn_predict_layers` is 0).")
-        embeds = inputs_embeds if inputs_embeds is not None else self.backbone.embeddings(input_ids)
-        args = self.backbone.mask_args(embeds, attention_mask, position_ids, 0, seq_idx)
+        embeds = inputs_embeds if inputs_embeds is not None else self.model.embeddings(input_ids)
+        args = self.model.mask_args(embeds, attention_mask, position_ids, 0, seq_idx)
         h = hidden
         losses = []
-        shifted_labels = labels
+        shifted = targets
         for depth in range(1, self.config.mtp_num_depths + 1):
             # the token after position t at depth d is t+d; shift embeddings left by d (zeros at the end)
             next_embeds = torch.roll(embeds, shifts=-depth, dims=1)
             next_embeds[:, -depth:] = 0
             h, normed = self.mtp(h, next_embeds, cache=None, mask_args=args)
             logits = self.lm_head(normed).float()
-            shifted_labels = torch.roll(shifted_labels, shifts=-1, dims=1)
-            shifted_labels[:, -1:] = -100
-            losses.append(self.loss_function(logits, shifted_labels, self.config.vocab_size, **kw))
+            shifted = torch.roll(shifted, shifts=-1, dims=1)
+            shifted[:, -1:] = -100
+            losses.append(self.loss_function(logits, None, self.config.vocab_size, shift_labels=shifted, **kw))
         return torch.stack(losses).mean()
 
     def mtp_draft_logits(self, hidden: torch.Tensor, next_token_ids: torch.LongTensor, cache=None,
@@ -411,7 +540,7 @@ class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
         """Draft logits for token t+2 from hidden state at t and token t+1. Returns (logits, MTP hidden)."""
         if self.mtp is None:
             raise ValueError("This model has no MTP head (`num_nextn_predict_layers` is 0).")
-        out_hidden, normed = self.mtp(hidden, self.backbone.embeddings(next_token_ids), cache=cache,
+        out_hidden, normed = self.mtp(hidden, self.model.embeddings(next_token_ids), cache=cache,
                                       mask_args=mask_args)
         return self.lm_head(normed).float(), out_hidden
 
@@ -461,24 +590,45 @@ class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
             raise ValueError("use_mtp=True decodes one unpadded sequence; drop the padding.")
         return mtp_generate(self, input_ids, max_new_tokens, num_draft_tokens=num_draft_tokens, eos_token_id=eos)
 
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # we bring our own hybrid cache (created in prepare_inputs_for_generation)
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode, batch_size: int,
+                                      max_cache_length: int):
+        """The default generation cache is `Nemotron3HybridCache`; a cache passed in is used as given (checked in
+        forward); other ``cache_implementation`` values are refused with the reason."""
+        if (model_kwargs.get("cache") is not None or generation_config.use_cache is False
+                or getattr(generation_config, "cache_implementation", None) not in (None, "dynamic")):
+            if getattr(generation_config, "cache_implementation", None) not in (None, "dynamic"):
+                raise ValueError(
+                    f"cache_implementation={generation_config.cache_implementation!r} is not supported by Nemotron 3: "
+                    "its Mamba-2 and attention layers share the dynamic hybrid cache. Drop the option (the default "
+                    "cache is used) or pass `cache=Nemotron3HybridCache(model.config, batch_size)`."
+                )
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode,
+                                                          batch_size, max_cache_length)
+        rows = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1) * batch_size
+        model_kwargs["cache"] = Nemotron3HybridCache(self.config, rows, self.dtype, self.device)
+        if getattr(generation_config, "is_assistant", False):
+            model_kwargs["cache"].activate_past_recording(
+                recurrent_states_to_keep=generation_config.num_assistant_tokens)
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None, **kwargs):
+        """Feed the tokens the cache has not seen; on the first step ``inputs_embeds`` if given. Other keyword
+        arguments (e.g. ``output_attentions``, ``seq_idx``) are passed on to ``forward``."""
         cache = _pop_cache(kwargs, None)
-        past = cache.seen_tokens if cache is not None else 0
-        if cache is None:
-            batch = input_ids.shape[0]
-            cache = Nemotron3HybridCache(self.config, batch, self.dtype, input_ids.device)
+        past = seq_length(cache)
+        if cache is None and kwargs.get("use_cache", True) is not False:
+            cache = Nemotron3HybridCache(self.config, input_ids.shape[0], self.dtype, input_ids.device)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: the same as no mask, and decode steps skip checking it again
-        inputs = {"cache": cache, "attention_mask": attention_mask, "use_cache": True}
+        inputs = {k: v for k, v in kwargs.items() if k not in ("position_ids", "cache_position", "logits_to_keep")}
+        inputs.update({"cache": cache, "attention_mask": attention_mask, "use_cache": cache is not None})
         if inputs_embeds is not None and past == 0:
             inputs["inputs_embeds"] = inputs_embeds
+            new = inputs_embeds.shape[1]
         else:
-            inputs["input_ids"] = input_ids[:, past:]
-        new = (inputs.get("input_ids") if "input_ids" in inputs else inputs_embeds).shape[1]
+            # after a prompt given as embeddings, `input_ids` holds only the generated tokens
+            total = input_ids.shape[1] + (inputs_embeds.shape[1] if inputs_embeds is not None else 0)
+            new = total - past
+            inputs["input_ids"] = input_ids[:, input_ids.shape[1] - new:]
         if attention_mask is not None:
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             inputs["position_ids"] = pos[:, -new:]
@@ -486,14 +636,18 @@ class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
         inputs["logits_to_keep"] = keep if keep is not None else (self.config.num_logits_to_keep or 0)
         return inputs
 
-    def _reorder_cache(self, cache, beam_idx):
-        cache.reorder_cache(beam_idx)
-        return cache
+
+def _shifted_targets(labels: torch.Tensor | None, shift_labels: torch.Tensor | None) -> torch.Tensor:
+    """The next-token targets: ``shift_labels`` as given, else ``labels`` shifted left by one (-100 at the end)."""
+    if shift_labels is not None:
+        return shift_labels
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
 
 
-def _loss_kwargs(kwargs: dict) -> dict:
-    return {k: v for k, v in kwargs.items() if k in ("num_items_in_batch", "ignore_index")}
-
+# `save_pretrained` copies this file (and what it imports) next to the weights and writes `auto_map`
+Nemotron3Config.register_for_auto_class("AutoConfig")
+Nemotron3Model.register_for_auto_class("AutoModel")
+Nemotron3ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = ["Nemotron3Model", "Nemotron3ForCausalLM", "Nemotron3PreTrainedModel", "Nemotron3CausalLMOutput",
            "Nemotron3ModelOutput"]

@@ -19,6 +19,12 @@ from torch import nn
 from .fast_ops import Nemotron3Linear, fused_moe_relu2, fused_moe_relu2_applies, linear, relu2_experts_fit
 from .fused_decode import SCORE_FUNCTIONS, fits, moe_block
 
+try:
+    from transformers.integrations.moe import use_experts_implementation
+except ImportError:  # pragma: no cover - older transformers: experts run eagerly
+    def use_experts_implementation(cls=None, **_):
+        return cls if cls is not None else (lambda c: c)
+
 
 def activation(name: str):
     """Activation functions by config name (``relu2`` is squared ReLU)."""
@@ -57,6 +63,7 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> t
     """
     row_bytes = 16 // x.element_size()  # the kernel wants 16-byte aligned strides
     if (x.device.type == "cpu" and x.dtype == weight.dtype and weight.shape[1] % row_bytes == 0
+            and not torch.compiler.is_compiling()  # fake tensors reject fp32 _grouped_mm under torch.compile
             and weight.shape[2] % row_bytes == 0 and x.is_contiguous() and _cpu_grouped_mm_available()):
         offsets = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
@@ -67,23 +74,51 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> t
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
+@use_experts_implementation(has_gate=False)
 class Nemotron3Experts(nn.Module):
-    """Routed experts as 3-D weights: relu² ``down(act(up x))`` or gated ``down(act(gate x) * up x)``."""
+    """Routed experts as 3-D weights: relu² ``down(act(up x))`` (or, with ``moe_gated_experts``, SwiGLU
+    ``down(act(gate x) * up x)``), behind transformers' experts seam.
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, act: str, gated: bool) -> None:
+    ``config._experts_implementation`` picks the kernel (``from_pretrained(..., experts_implementation=...)`` or
+    ``model.set_experts_implementation(...)``): ``"eager"`` (this package's default) runs `forward` below, i.e. the
+    ``dispatcher`` and ``gemm`` seams; transformers' ``"grouped_mm"`` / ``"batched_mm"`` run its own kernels on the
+    same weights (non-gated experts only).
+    """
+
+    def __init__(self, config, width: int | None = None) -> None:
         super().__init__()
-        self.num_experts = num_experts
-        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
-        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden)) if gated else None
-        self.act = activation(act)
-        self.gemm = grouped_mm
+        gated = bool(config.moe_gated_experts)
+        width = width or config.moe_latent_size or config.hidden_size
+        num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size
+        self.num_experts = num_experts  # experts held here (expert parallelism keeps a shard)
+        self.global_num_experts = num_experts  # experts the router chooses among
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, width))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, width, intermediate))
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate, width)) if gated else None
+        self.act_fn = activation(config.moe_expert_act if gated else config.mlp_hidden_act)
+        self.gemm = grouped_mm  # seam: the NVFP4 plugin swaps in a quantized grouped GEMM
+        self.dispatcher = LocalDispatcher()  # seam: the expert-parallel plugin swaps in an all-to-all dispatcher
 
-    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    @property
+    def act(self):
+        return self.act_fn
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """``hidden_states`` [T, width], routing [T, k] -> weighted sum of each token's experts, float32 [T, width]."""
+        x_sorted, counts, ctx = self.dispatcher.dispatch(hidden_states, top_k_index, self.global_num_experts)
+        return self.dispatcher.combine(self.apply_sorted(x_sorted, counts), top_k_weights, ctx,
+                                       hidden_states.shape[0])
+
+    def apply_sorted(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Apply expert ``e`` to its ``counts[e]`` consecutive rows of ``x_sorted``."""
         up = self.gemm(x_sorted, self.up_proj, counts)
         h = self.act(self.gemm(x_sorted, self.gate_proj, counts)) * up if self.gate_proj is not None else self.act(up)
         return self.gemm(h, self.down_proj, counts)
+
+
+def experts_implementation(experts: nn.Module) -> str:
+    """The experts kernel the config selects (``"eager"`` when unset)."""
+    return getattr(getattr(experts, "config", None), "_experts_implementation", None) or "eager"
 
 
 FEW_ROUTES_MAX = 8  # decode fast path: at most this many (token, expert) pairs per forward
@@ -224,10 +259,7 @@ class Nemotron3MoE(nn.Module):
         width = latent or hidden
         self.num_experts = config.n_routed_experts
         self.gate = Nemotron3Router(config, hidden)
-        self.experts = Nemotron3Experts(
-            config.n_routed_experts, width, config.moe_intermediate_size,
-            config.moe_expert_act if config.moe_gated_experts else config.mlp_hidden_act, config.moe_gated_experts,
-        )
+        self.experts = Nemotron3Experts(config, width)
         shared_cls = Nemotron3GatedMLP if config.moe_gated_experts else Nemotron3MLP
         shared_act = config.moe_expert_act if config.moe_gated_experts else config.mlp_hidden_act
         self.shared_experts = (
@@ -239,10 +271,18 @@ class Nemotron3MoE(nn.Module):
             self.fc2_latent_proj = Nemotron3Linear(latent, hidden, bias=config.mlp_bias)
         else:
             self.fc1_latent_proj = self.fc2_latent_proj = None
-        self.dispatcher = LocalDispatcher()
         self.config = config  # the aux-loss coefficient is read per forward (trainers may change it)
         self.last_router_logits: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
+
+    @property
+    def dispatcher(self):
+        """The token dispatcher of the routed experts (seam; lives on ``experts``)."""
+        return self.experts.dispatcher
+
+    @dispatcher.setter
+    def dispatcher(self, value) -> None:
+        self.experts.dispatcher = value
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -254,13 +294,20 @@ class Nemotron3MoE(nn.Module):
             if self.training and self.config.moe_aux_loss_coef > 0 else None
         )
         routed_in = self.fc1_latent_proj(x) if self.fc1_latent_proj is not None else x
-        if self.uses_default_paths() and fused_moe_relu2_applies(self.experts, routed_in):  # CPU kernel
-            return self._forward_accumulated(hidden_states, routed_in, weights, topk_idx, fused_moe_relu2)
-        if self.use_few_routes_path(topk_idx):
-            return self._forward_accumulated(hidden_states, routed_in, weights, topk_idx, routed_few_tokens)
-        x_sorted, counts, ctx = self.dispatcher.dispatch(routed_in, topk_idx, self.num_experts)
-        out = self.experts(x_sorted, counts)
-        return self._finish(self.dispatcher.combine(out, weights, ctx, x.shape[0]), hidden_states)
+        if self.uses_default_paths():
+            if fused_moe_relu2_applies(self.experts, routed_in):  # CPU kernel
+                return self._forward_accumulated(hidden_states, routed_in, weights, topk_idx, fused_moe_relu2)
+            if self.use_few_routes_path(topk_idx):  # few tokens without autograd: each route directly
+                return self._forward_accumulated(hidden_states, routed_in, weights, topk_idx, routed_few_tokens)
+        elif isinstance(self.experts, Nemotron3Experts) and experts_implementation(self.experts) != "eager" and (
+                self.experts.gate_proj is not None or self.experts.gemm is not grouped_mm
+                or type(self.experts.dispatcher) is not LocalDispatcher):
+            raise ValueError(
+                f"experts_implementation={experts_implementation(self.experts)!r} would bypass this layer's SwiGLU "
+                "experts or the dispatcher / GEMM a plugin installed (expert parallelism, NVFP4); use "
+                "experts_implementation='eager'."
+            )
+        return self._finish(self.experts(routed_in, topk_idx, weights), hidden_states)
 
     def fused_decode_block(self, norm: nn.Module, dtype: torch.dtype):
         """This block's part of a fused decode plan (`fused_decode.FusedBlock`, ``h + self(norm(h))`` in the
@@ -286,8 +333,11 @@ class Nemotron3MoE(nn.Module):
         return routed
 
     def uses_default_paths(self) -> bool:
-        """Whether the default dispatcher and expert GEMM are in place (plugins that swap them keep their paths)."""
-        return self.experts.gemm is grouped_mm and type(self.dispatcher) is LocalDispatcher
+        """Whether the routed experts run this package's default kernels: eager implementation, default dispatcher and
+        GEMM, not wrapped (plugins and adapters that swap them keep their paths)."""
+        experts = self.experts
+        return (type(experts) is Nemotron3Experts and experts.gemm is grouped_mm
+                and type(experts.dispatcher) is LocalDispatcher and experts_implementation(experts) == "eager")
 
     def use_few_routes_path(self, topk_idx: torch.Tensor) -> bool:
         """Decode fast path: few routes, no gradient, and the default dispatcher and GEMM (plugins keep theirs)."""

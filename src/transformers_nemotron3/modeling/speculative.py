@@ -31,13 +31,13 @@ import time
 
 import torch
 
-from .cache import KVState, Nemotron3HybridCache
+from .cache import AttentionLayer, Nemotron3HybridCache
 
 __all__ = ["mtp_generate", "greedy_generate"]
 
 
-def _mtp_kv_states(cache: Nemotron3HybridCache, first_mtp_layer: int) -> list[KVState]:
-    return [st for i, st in cache.layers.items() if i >= first_mtp_layer and isinstance(st, KVState)]
+def _mtp_kv_states(cache: Nemotron3HybridCache, first_mtp_layer: int) -> list[AttentionLayer]:
+    return [st for i, st in enumerate(cache.layers) if i >= first_mtp_layer and isinstance(st, AttentionLayer)]
 
 
 def _crop_mtp(cache: Nemotron3HybridCache, first_mtp_layer: int, length: int) -> None:
@@ -126,7 +126,7 @@ def mtp_generate(
     k = num_draft_tokens
     cache = Nemotron3HybridCache(config, 1, model.dtype, device,
                                  block_types=list(config.layers_block_type) + list(config.mtp_layers_block_type))
-    embed = model.backbone.embeddings
+    embed = model.model.embeddings
 
     def mtp_step(hidden, next_ids, pos):
         """MTP over positions ``pos..``: returns (draft token ids, MTP output hidden)."""

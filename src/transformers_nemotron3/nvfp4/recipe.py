@@ -8,7 +8,7 @@ projection in MXFP8; this package has no MXFP8 path, so ``mamba_out_proj`` choos
 BF16 (the safe default) and NVFP4.
 
 Names are matched with shell-style globs (``fnmatch``) against ``model.named_modules()``
-names, which follow the official checkpoint (``backbone.layers.{i}.mixer.in_proj`` ...).
+names, which follow transformers' NemotronH (``model.layers.{i}.mixer.in_proj`` ...).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ SUPER_BF16_PATTERNS: tuple[str, ...] = (
 
 MAMBA_OUT_PROJ_PATTERN = "*.mixer.out_proj"
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)backbone\.layers\.(\d+)\.")
+_LAYER_INDEX = re.compile(r"(?:^|\.)model\.layers\.(\d+)\.")
 
 Precision = Literal["nvfp4", "bf16"]
 

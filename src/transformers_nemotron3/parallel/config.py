@@ -106,7 +106,7 @@ class Nemotron3ParallelConfig:
                 raise ValueError(f"n_routed_experts={c.n_routed_experts} is not divisible by "
                                  f"expert_parallel_size={self.ep}.")
         if self.cp > 1:
-            if "mamba" in kinds:
+            if "linear_attention" in kinds:
                 if c.mamba_num_heads % self.cp:
                     raise ValueError(f"mamba_num_heads={c.mamba_num_heads} is not divisible by "
                                      f"context_parallel_size={self.cp} (Mamba CP splits heads over cp ranks).")

@@ -89,7 +89,7 @@ class _GatherAlongDim(torch.autograd.Function):
 
 
 def _cp_attention_forward(self: Nemotron3Attention, hidden_states, cache=None, mask=None, position_ids=None,
-                          padding_mask_2d=None):
+                          padding_mask_2d=None, output_attentions=False):
     st: CPState = self._cp_state
     if cache is not None:
         raise ValueError("context parallelism is for training/prefill without a cache; pass use_cache=False.")
@@ -112,7 +112,7 @@ def _cp_attention_forward(self: Nemotron3Attention, hidden_states, cache=None, m
     dropout = self.config.attention_dropout if self.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], dropout_p=dropout, scale=self.scaling,
                                          enable_gqa=self.num_key_value_groups > 1)
-    return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+    return self.o_proj(out.transpose(1, 2).reshape(b, length, -1)), None
 
 
 # ------------------------------------------------------------------------------------------- mamba

@@ -12,8 +12,8 @@ from typing import Any, Iterator
 
 import torch
 
+from ..modeling.checkpoint_layout import official_to_internal
 from ..modeling import Nemotron3Config, Nemotron3ForCausalLM
-from ..modeling.checkpoint_io import to_internal_key
 from ..modeling.configuration_nemotron3 import ACTIVATIONS, ROPE_SCALING_KEYS, parse_block_types
 from .config import UpcyclingConfig
 from .experts import router_scaling, router_weight, shared_expert, virtual_group_experts
@@ -163,7 +163,7 @@ def _nemotron_h_layers(source: DenseSource, cfg: UpcyclingConfig, target: Nemotr
                        ) -> Iterator[dict]:
     by_layer: dict[int, dict[str, str]] = {}
     for key in source.keys():
-        internal = to_internal_key(key)
+        internal = _official_key(key)
         if internal.startswith("backbone.layers."):
             by_layer.setdefault(int(internal.split(".")[2]), {})[internal] = key
     for i in range(target.num_hidden_layers):
@@ -177,6 +177,14 @@ def _nemotron_h_layers(source: DenseSource, cfg: UpcyclingConfig, target: Nemotr
         down = source.get(keys[p + "mixer.down_proj.weight"])
         out.update(_moe_tensors(cfg, i, p, up, down, None, target.mlp_hidden_act, target.hidden_size))
         yield out
+
+
+def _official_key(key: str) -> str:
+    """A Nemotron-H checkpoint key (official, transformers' ``model.*`` or old ``embedding``) in the official
+    ``backbone.*`` spelling the upcycler yields (the model's load_state_dict hook maps it to ``model.*``)."""
+    if key.startswith("model."):
+        key = "backbone." + key[len("model."):]
+    return "backbone.embeddings.weight" if key == "backbone.embedding.weight" else key
 
 
 # ---------------------------------------------------------------------------------------- shared pieces
@@ -242,6 +250,7 @@ def upcycle(dense_model_or_path: Any, config: UpcyclingConfig | None = None, *,
     state: dict[str, torch.Tensor] = {}
     for part in iter_upcycled(source, config, target):
         state.update(part)
+    state = official_to_internal(state)
     target._attn_implementation = attn_implementation
     with torch.device("meta"):
         model = Nemotron3ForCausalLM(target)

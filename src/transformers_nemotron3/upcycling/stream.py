@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
-from ..modeling.checkpoint_io import SAFE_INDEX, _parse_size, modeling_dir, to_official_state_dict
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME as SAFE_INDEX
+
+from ..modeling.checkpoint_layout import to_official_state_dict
 from .config import UpcyclingConfig
 from .convert import build_target_config, iter_upcycled
 from .sources import DenseSource
@@ -30,6 +32,16 @@ _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", 
               torch.bool: "BOOL"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "chat_template.jinja", "generation_config.json")
+
+
+def _parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like ``"5GB"`` / ``"500MiB"`` (transformers' convention)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        return convert_file_size_to_int(size)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"max_shard_size={size!r} is not a size; use an int of bytes or a string like '5GB'.") from exc
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -143,7 +155,7 @@ def _write_config(folder: Path, target, plan: list[dict[str, torch.Tensor]]) -> 
     cfg["dtype"] = str(dtype).replace("torch.", "")
     cfg.pop("_attn_implementation_internal", None)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    for src in modeling_dir().glob("*.py"):
+    for src in Path(__file__).resolve().parents[1].joinpath("modeling").glob("*.py"):
         if src.name != "__init__.py":
             shutil.copy2(src, folder / src.name)
 
