@@ -231,3 +231,26 @@ def test_rollout_tool_turn_glue_equals_the_templates(family, enable_thinking):
                         enable_thinking=enable_thinking)
     assert before.endswith("<|im_end|>\n") and after.startswith(before)
     assert after[len(before) - 1:] == tool_turn_text(observations, enable_thinking)
+
+
+def test_without_trl_the_core_imports_and_templates_name_the_extra(monkeypatch):
+    import subprocess
+    import sys
+
+    from transformers_nemotron3.generation import chat_template
+
+    code = ("import sys; import transformers_nemotron3.generation as g, transformers_nemotron3.tokenizer as t; "
+            "g.released_chat_template('nano'); t.build_tiny_tokenizer(); print('trl' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # templates are read from TRL's files without importing trl
+
+    real_find_spec = chat_template.importlib.util.find_spec
+    monkeypatch.setattr(chat_template.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "trl" else real_find_spec(name, *a))
+    chat_template._read_template.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"transformers-nemotron3\[trl\]"):
+            released_chat_template("nano")
+        assert build_tiny_tokenizer(chat_template_family=None).chat_template is None  # still builds without one
+    finally:
+        chat_template._read_template.cache_clear()
