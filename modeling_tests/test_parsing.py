@@ -1,6 +1,8 @@
-"""parse_assistant_output: reasoning / content / tool calls, bad output, round trips."""
+"""parse_assistant_output: reasoning / content / tool calls, bad output, round trips through the released
+templates (Nano, Super, Ultra), compared with TRL's response parser for those templates."""
 
 import pytest
+from trl.chat_template_utils import add_response_schema
 
 from transformers_nemotron3.generation import (
     InvalidToolCall,
@@ -8,13 +10,16 @@ from transformers_nemotron3.generation import (
     parse_assistant_output,
     render_chat,
 )
+from transformers_nemotron3.tokenizer import build_tiny_tokenizer
+
+FAMILIES = ["nano", "super", "ultra"]
 
 TOOLS = [
     {
         "name": "lookup",
         "parameters": {
             "type": "object",
-            "properties": {"code": {"type": "string"}, "limit": {"type": "integer"}},
+            "properties": {"code": {"type": "string"}, "limit": {"type": "integer"}, "exact": {"type": "boolean"}},
         },
     }
 ]
@@ -105,42 +110,88 @@ ASSISTANT_TURNS = [
         "role": "assistant",
         "reasoning_content": "Use the tool.",
         "content": "Calling.",
-        "tool_calls": [{"type": "function", "function": {"name": "lookup", "arguments": {"code": "42", "limit": 5}}}],
+        "tool_calls": [{"type": "function", "function": {"name": "lookup",
+                                                         "arguments": {"code": "42", "limit": 5, "exact": True}}}],
     },
     {
         "role": "assistant",
         "content": "",
         "tool_calls": [
             {"type": "function", "function": {"name": "lookup", "arguments": {"code": "a b"}}},
-            {"type": "function", "function": {"name": "lookup", "arguments": {"limit": 1}}},
+            {"type": "function", "function": {"name": "lookup", "arguments": {"limit": 1, "exact": False}}},
         ],
+    },
+    {
+        "role": "assistant",
+        "reasoning_content": "Only a call.",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": {"name": "lookup", "arguments": {"code": "x\ny"}}}],
     },
 ]
 
 
-@pytest.mark.parametrize("message", ASSISTANT_TURNS)
-def test_round_trip_render_parse_render(message):
-    conversation = [{"role": "user", "content": "q"}, message]
-    rendered = render_chat(conversation, tools=TOOLS)
-    body = rendered.split("<|im_start|>assistant\n")[-1]
-    parsed = parse_assistant_output(body, tools=TOOLS)
-    assert parsed.reasoning == message.get("reasoning_content", "")
-    assert parsed.content == message["content"]
-    assert [c.to_dict() for c in parsed.tool_calls] == message.get("tool_calls", [])
-    assert render_chat([conversation[0], parsed.to_message()], tools=TOOLS) == rendered
+@pytest.fixture(scope="module")
+def trl_parsers():
+    """Tiny tokenizers carrying each released template, with TRL's response template for it."""
+    return {family: add_response_schema(build_tiny_tokenizer(chat_template_family=family)) for family in FAMILIES}
 
 
-@pytest.mark.parametrize("message", ASSISTANT_TURNS)
-def test_round_trip_from_generation_prompt(message):
-    """Text generated after the prompt parses back to the message (thinking on or off)."""
+def generated_part(family, message, thinking):
+    """What a model prompted by the released template would have generated for ``message``."""
     conversation = [{"role": "user", "content": "q"}, message]
-    thinking = bool(message.get("reasoning_content"))
-    prompt = render_chat(conversation[:1], tools=TOOLS, add_generation_prompt=True, enable_thinking=thinking)
-    rendered = render_chat(conversation, tools=TOOLS)
+    prompt = render_chat(conversation[:1], tools=TOOLS, family=family, add_generation_prompt=True,
+                         enable_thinking=thinking)
+    rendered = render_chat(conversation, tools=TOOLS, family=family)
     assert rendered.startswith(prompt)
-    generated = rendered[len(prompt) :]
+    return prompt, rendered[len(prompt):]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("message", ASSISTANT_TURNS)
+def test_round_trip_from_generation_prompt(family, message):
+    """Text generated after the prompt parses back to the message, which renders back to the same text."""
+    thinking = bool(message.get("reasoning_content"))
+    prompt, generated = generated_part(family, message, thinking)
     parsed = parse_assistant_output(generated, enable_thinking=thinking, tools=TOOLS)
     assert parsed.to_message() == message
+    assert not parsed.reasoning_truncated and parsed.invalid_tool_calls == []
+    rendered = render_chat([{"role": "user", "content": "q"}, parsed.to_message()], tools=TOOLS, family=family)
+    assert rendered == prompt + generated
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("message", ASSISTANT_TURNS)
+def test_round_trip_of_a_whole_rendered_turn(family, message):
+    conversation = [{"role": "user", "content": "q"}, message]
+    rendered = render_chat(conversation, tools=TOOLS, family=family)
+    body = rendered.split("<|im_start|>assistant\n")[-1]
+    parsed = parse_assistant_output(body, enable_thinking=False, tools=TOOLS)
+    assert parsed.to_message() == message
+    assert render_chat([conversation[0], parsed.to_message()], tools=TOOLS, family=family) == rendered
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("message", ASSISTANT_TURNS)
+def test_parser_agrees_with_trls_response_template(trl_parsers, family, message):
+    tokenizer = trl_parsers[family]
+    thinking = bool(message.get("reasoning_content"))
+    prompt, generated = generated_part(family, message, thinking)
+    theirs = tokenizer.parse_response(tokenizer.encode(generated, add_special_tokens=False),
+                                      prefix=tokenizer.encode(prompt, add_special_tokens=False), tools=TOOLS)
+    ours = parse_assistant_output(generated, enable_thinking=thinking, tools=TOOLS).to_message()
+    if not ours["content"]:
+        ours.pop("content")  # TRL leaves out an empty content
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_history_turn_with_truncated_reasoning_parses_as_content(family):
+    conversation = [{"role": "user", "content": "a"}, ASSISTANT_TURNS[1], {"role": "user", "content": "b"}]
+    rendered = render_chat(conversation, family=family)
+    body = rendered.split("<|im_start|>assistant\n")[1].split("<|im_start|>user")[0]
+    assert "Think a bit" not in body and body.startswith("<think></think>")
+    parsed = parse_assistant_output(body, enable_thinking=False)
+    assert (parsed.reasoning, parsed.content) == ("", "Answer.")
 
 
 def test_thinking_off_output_with_a_tool_call():

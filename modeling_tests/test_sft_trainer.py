@@ -48,15 +48,43 @@ def trained_text(tokenizer, row):
     return tokenizer.decode([t for t, l in zip(row["input_ids"], row["labels"]) if l != -100])
 
 
-def test_assistant_only_masking_on_tokens(tokenizer):
-    trainer = make_trainer(tokenizer, thinking_off_ratio=0.0)
-    row = trainer.train_dataset[1]  # single-turn
-    assert trained_text(tokenizer, row) == "<think>\nadd 1 and 3\n</think>\nThe answer is 4.<|im_end|>"
-    full = tokenizer.decode(row["input_ids"])
-    assert full.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWhat is 1 + 3?")
-    row = trainer.train_dataset[0]  # multi-turn: both assistant turns trained, none of the user/system text
-    assert trained_text(tokenizer, row) == ("<think></think>Hello! How can I help?<|im_end|>"
-                                            "<think>\nadd 0 and 0\n</think>\nThe answer is 0.<|im_end|>")
+def trl_masked_text(tokenizer, messages, **kwargs):
+    """The oracle: what TRL's training template for the tokenizer's template marks as assistant tokens."""
+    from trl.chat_template_utils import get_training_chat_template
+
+    out = tokenizer.apply_chat_template(messages, chat_template=get_training_chat_template(tokenizer),
+                                        return_assistant_tokens_mask=True, return_dict=True, **kwargs)
+    return tokenizer.decode([t for t, keep in zip(out["input_ids"], out["assistant_masks"]) if keep])
+
+
+@pytest.mark.parametrize("family", ["nano", "super", "ultra"])
+def test_assistant_only_masks_equal_trl_training_template(family):
+    from trl import chat_template_utils as trl_templates
+
+    tokenizer = build_tiny_tokenizer(chat_template_family=None)
+    trainer = make_trainer(tokenizer, thinking_off_ratio=0.0, chat_template_family=family)
+    assert tokenizer.chat_template == getattr(trl_templates, f"nemotron_3_{family}_chat_template")
+    source = conversations()
+    for index in (0, 1, 3):  # multi-turn (history reasoning truncated), single-turn, multi-turn
+        row = trainer.train_dataset[index]
+        messages = source[index]["messages"]
+        assert trained_text(tokenizer, row) == trl_masked_text(tokenizer, messages)
+        assert tokenizer.decode(row["input_ids"]) == tokenizer.apply_chat_template(messages, tokenize=False)
+        assert "add " in trained_text(tokenizer, row) and "What is" not in trained_text(tokenizer, row)
+    assert "greet back" not in tokenizer.decode(trainer.train_dataset[0]["input_ids"])  # truncated history
+
+
+def test_tokenizer_without_template_gets_the_released_nano_one():
+    from trl import chat_template_utils as trl_templates
+
+    tokenizer = build_tiny_tokenizer(chat_template_family=None)
+    make_trainer(tokenizer, steps=1)
+    assert tokenizer.chat_template == trl_templates.nemotron_3_nano_chat_template
+
+
+def test_bad_chat_template_family_is_a_value_error():
+    with pytest.raises(ValueError, match="chat_template_family='mega'"):
+        Nemotron3SFTConfig(output_dir="/tmp/x", chat_template_family="mega", use_cpu=True, bf16=False)
 
 
 def test_thinking_off_renders_empty_think_and_ratio_is_respected(tokenizer):

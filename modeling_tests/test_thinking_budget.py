@@ -129,3 +129,31 @@ def test_in_generate_with_a_tiny_model(tok):
 def test_bad_arguments(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
         ThinkingBudgetLogitsProcessor(**kwargs)
+
+
+@pytest.mark.parametrize("family, grace, append_newline", [("nano", 8, True), ("super", 8, True), ("ultra", 0, False)])
+def test_budgeted_turn_is_what_the_released_template_writes(family, grace, append_newline):
+    """A turn ended by the processor parses back to a message that the family's template renders identically."""
+    from transformers_nemotron3.generation import parse_assistant_output, render_chat
+
+    tok = build_tiny_tokenizer(chat_template_family=family)
+    messages = [{"role": "user", "content": "Think hard."}]
+    prompt_text = render_chat(messages, family=family, add_generation_prompt=True)
+    prompt = ids_of(tok, prompt_text)
+    end, im_end = tok.convert_tokens_to_ids("</think>"), tok.convert_tokens_to_ids("<|im_end|>")
+    word, newline = ids_of(tok, "a")[0], ids_of(tok, "\n")[0]
+    processor = ThinkingBudgetLogitsProcessor(4, grace, tokenizer=tok, append_newline=append_newline)
+
+    def next_token(i, row, step):  # reasoning "a a a a a \n a ...", then two answer tokens and <|im_end|>
+        new = row[len(prompt):]
+        if end in new:
+            return im_end if len(new) - new.index(end) - append_newline > 2 else word
+        return newline if step == 5 else word
+
+    row = run_steps(processor, [prompt], len(tok), 16, next_token)[0]
+    generated = row[len(prompt): row.index(im_end, len(prompt)) + 1]
+    assert end in generated
+    text = tok.decode(generated)
+    message = parse_assistant_output(text).to_message()
+    assert message["reasoning_content"] and message["content"]
+    assert render_chat(messages + [message], family=family) == prompt_text + text + "\n"

@@ -1,65 +1,158 @@
-"""The Nemotron 3 chat format, twice: a Jinja template and a plain-Python renderer.
+"""The released Nemotron 3 chat templates, read from TRL, and a renderer that uses them.
 
-``NEMOTRON3_CHAT_TEMPLATE`` is meant for ``tokenizer.chat_template`` (so that
-``tokenizer.apply_chat_template`` works), ``render_chat`` is the same format written as
-ordinary Python, handy for data pipelines and for tests. The two must produce the identical
-string for every input; the test suite checks them against each other and against
-hand-written strings.
+We do not keep a copy of the chat format. A real checkpoint's tokenizer carries its own
+``chat_template``: use ``tokenizer.apply_chat_template``. Where a template is needed and none is at
+hand (the tiny offline tokenizer, SFT of a tokenizer without one, data code without a tokenizer),
+the templates NVIDIA released with the checkpoints are used, as TRL ships them
+(``trl/chat_templates/nemotron_3_{nano,super,ultra}.jinja``), together with TRL's training
+variants (``*_training.jinja``: the same text plus ``{% generation %}`` markers, which TRL's
+``get_training_chat_template`` swaps in for ``assistant_only_loss``).
 
-The format (Nano / Super flavour, see docs/chat_and_thinking.md):
+The template files are read from the installed TRL package without importing it (importing
+``trl`` costs seconds). TRL stays an optional dependency of the core package (model, generation,
+parser, thinking budget); the functions here that need a template raise ``ImportError`` naming the
+``[trl]`` extra when TRL is not installed.
 
-* Every turn is ``<|im_start|>{role}\\n{body}<|im_end|>\\n``. A system turn is always emitted,
-  empty if the conversation has none; declared tools are appended to it.
-* Assistant bodies start with their reasoning: ``<think>\\n{reasoning}\\n</think>\\n{content}``,
-  or ``<think></think>{content}`` when there is no reasoning. With
-  ``truncate_history_thinking`` (default on) the reasoning of assistant turns that come before
-  the last user message is dropped.
-* Tool calls follow the content as
-  ``<tool_call>\\n<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</parameter>\\n</function>\\n</tool_call>\\n``.
-* Consecutive ``tool`` messages share one ``user`` turn, each wrapped in
-  ``<tool_response>\\n...\\n</tool_response>\\n``.
-* The generation prompt is ``<|im_start|>assistant\\n<think>\\n`` with thinking on and
-  ``<|im_start|>assistant\\n<think></think>`` with it off.
-* ``low_effort`` / ``medium_effort`` append ``{reasoning effort: low}`` /
-  ``{reasoning effort: efficient}`` to the last user message.
+The families differ only in small ways (see docs/chat_and_thinking.md):
 
-The Jinja version also wraps assistant bodies in ``{% generation %}`` markers (no effect on the
-text) so that ``return_assistant_tokens_mask=True`` works for assistant-only training loss.
+* ``nano``: ``<think>\\n{reasoning}\\n</think>\\n{content}``; an earlier turn whose reasoning is
+  dropped (``truncate_history_thinking``, on by default) keeps the newline: ``<think></think>\\n{content}``.
+* ``super``: as nano, plus ``low_effort=True`` appends ``\\n\\n{reasoning effort: low}`` to the last
+  user message.
+* ``ultra``: ``<think>\\n{reasoning}</think>{content}`` (no newlines around ``</think>``), plus
+  ``medium_effort=True`` appends ``\\n\\n{reasoning effort: efficient}``.
+
+All three always write a system turn (empty without a system message), declare tools in it,
+render tool calls as ``<tool_call>\\n<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</parameter>\\n
+</function>\\n</tool_call>\\n`` and end the generation prompt with ``<think>\\n`` (thinking on) or
+``<think></think>`` (thinking off).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import importlib.util
 import json
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 __all__ = [
-    "NEMOTRON3_CHAT_TEMPLATE",
-    "LOW_EFFORT_SUFFIX",
-    "MEDIUM_EFFORT_SUFFIX",
-    "TOOLS_PREAMBLE",
-    "TOOLS_INSTRUCTIONS",
+    "CHAT_TEMPLATE_FAMILIES",
+    "chat_template_family",
+    "ensure_chat_template",
+    "released_chat_template",
     "render_chat",
     "render_tool_call",
-    "render_tool_declarations",
+    "training_chat_template",
 ]
 
-LOW_EFFORT_SUFFIX = "\n\n{reasoning effort: low}"
-MEDIUM_EFFORT_SUFFIX = "\n\n{reasoning effort: efficient}"
-TOOLS_PREAMBLE = "# Tools\n\nYou have access to the following functions:\n\n"
-TOOLS_INSTRUCTIONS = (
-    "\n\nTo call a function, reply with exactly this format and nothing after it:\n\n"
-    "<tool_call>\n<function=function_name>\n<parameter=parameter_name>\nvalue\n</parameter>\n"
-    "</function>\n</tool_call>"
-)
-_ROLES = ("system", "user", "assistant", "tool")
+CHAT_TEMPLATE_FAMILIES: tuple[str, ...] = ("nano", "super", "ultra")
+"""Model families whose released chat template this package uses (TRL file ``nemotron_3_{family}.jinja``)."""
+
+_EFFORT_FLAGS = {"low_effort": "super", "medium_effort": "ultra"}  # flag -> the one family whose template reads it
+_TRL_EXTRA = "pip install 'transformers-nemotron3[trl]' (or pip install 'trl>=1.16')"
 
 
-# --------------------------------------------------------------------------- plain Python
+# --------------------------------------------------------------------------- the templates
 
 
-def _json(value: Any) -> str:
-    """JSON the way transformers' ``tojson`` Jinja filter writes it (no ASCII escaping)."""
-    return json.dumps(value, ensure_ascii=False)
+def _trl_chat_templates_dir() -> Path:
+    """TRL's ``chat_templates`` folder, found without importing ``trl``."""
+    spec = importlib.util.find_spec("trl")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"the released Nemotron 3 chat templates are read from TRL, which is not installed; {_TRL_EXTRA}")
+    return Path(next(iter(spec.submodule_search_locations))) / "chat_templates"
+
+
+def _check_family(family: str) -> str:
+    if family not in CHAT_TEMPLATE_FAMILIES:
+        raise ValueError(f"chat template family {family!r} is unknown; use one of {CHAT_TEMPLATE_FAMILIES}")
+    return family
+
+
+@functools.cache
+def _read_template(stem: str) -> str:
+    path = _trl_chat_templates_dir() / f"{stem}.jinja"
+    if not path.is_file():
+        version = importlib.metadata.version("trl")
+        raise ImportError(f"TRL {version} has no chat_templates/{stem}.jinja; upgrade it: pip install 'trl>=1.16'")
+    return path.read_text(encoding="utf-8")
+
+
+def released_chat_template(family: str = "nano") -> str:
+    """The chat template released with the ``family`` checkpoints (TRL's ``nemotron_3_{family}.jinja``).
+
+    Raises:
+        ValueError: ``family`` is not one of :data:`CHAT_TEMPLATE_FAMILIES`.
+        ImportError: TRL is not installed (or too old to ship the file).
+    """
+    return _read_template(f"nemotron_3_{_check_family(family)}")
+
+
+def training_chat_template(family: str = "nano") -> str:
+    """TRL's training variant of :func:`released_chat_template`: same text, plus ``{% generation %}`` markers.
+
+    It renders the same string; with ``return_assistant_tokens_mask=True`` it also marks each assistant
+    turn's body and its ``<|im_end|>\\n``, which is what ``assistant_only_loss`` trains on. TRL's
+    ``get_training_chat_template`` returns this text for a tokenizer carrying the released template.
+    """
+    return _read_template(f"nemotron_3_{_check_family(family)}_training")
+
+
+def chat_template_family(chat_template: str | Mapping[str, str] | None) -> str | None:
+    """The family whose released (or TRL training) template ``chat_template`` is, else None.
+
+    Accepts a tokenizer's ``chat_template`` as is (a dict of named templates is read at ``"default"``).
+    Only exact text matches count, as in TRL's ``get_training_chat_template``.
+    """
+    if isinstance(chat_template, Mapping):
+        chat_template = chat_template.get("default")
+    if not isinstance(chat_template, str):
+        return None
+    for family in CHAT_TEMPLATE_FAMILIES:
+        if chat_template in (released_chat_template(family), training_chat_template(family)):
+            return family
+    return None
+
+
+def ensure_chat_template(tokenizer: Any, family: str = "nano") -> Any:
+    """Give ``tokenizer`` the released ``family`` template if it carries none; returns the tokenizer.
+
+    A tokenizer that already has a ``chat_template`` (every released checkpoint's does) is left as
+    it is. Call this before ``tokenizer.save_pretrained`` so that a saved checkpoint carries its
+    chat format (written as ``chat_template.jinja``).
+    """
+    _check_family(family)
+    if getattr(tokenizer, "chat_template", None) is None:
+        tokenizer.chat_template = released_chat_template(family)
+    return tokenizer
+
+
+def __getattr__(name: str) -> str:
+    # NEMOTRON3_CHAT_TEMPLATE is kept for callers of the old name; read lazily so that importing this
+    # module works without TRL.
+    if name == "NEMOTRON3_CHAT_TEMPLATE":
+        return released_chat_template("nano")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _check_messages(messages: Sequence[Mapping[str, Any]]) -> None:
+    """Reject input that the released templates would render into something other than what was meant."""
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise ValueError(f"message {i} is {message!r}; pass dicts with a 'role' string and 'content'")
+        content = message.get("content")
+        if content is not None and not isinstance(content, str):
+            raise ValueError(
+                f"message {i} has content of type {type(content).__name__}; Nemotron 3 chat is text-only, pass a string"
+            )
+        for call in message.get("tool_calls") or []:
+            _check_tool_call(call)
 
 
 def _unwrap_function(item: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -68,43 +161,10 @@ def _unwrap_function(item: Mapping[str, Any]) -> Mapping[str, Any]:
     return inner if isinstance(inner, Mapping) else item
 
 
-def render_tool_declarations(tools: Sequence[Mapping[str, Any]]) -> str:
-    """Render tool JSON schemas as the ``<tools>...</tools>`` block of the system turn."""
-    lines = ["<tools>"]
-    for tool in tools:
-        spec = _unwrap_function(tool)
-        if not spec.get("name"):
-            raise ValueError(f"tool declaration {dict(tool)!r} has no name; give each tool a 'name'")
-        lines += ["<function>", f"<name>{spec['name']}</name>"]
-        if spec.get("description"):
-            lines.append(f"<description>{spec['description'].strip()}</description>")
-        lines.append("<parameters>")
-        params = spec.get("parameters") or {}
-        for pname, pspec in (params.get("properties") or {}).items():
-            lines += ["<parameter>", f"<name>{pname}</name>"]
-            if "type" in pspec:
-                lines.append(f"<type>{pspec['type']}</type>")
-            if pspec.get("description"):
-                lines.append(f"<description>{pspec['description'].strip()}</description>")
-            if "enum" in pspec:
-                lines.append(f"<enum>{_json(pspec['enum'])}</enum>")
-            lines.append("</parameter>")
-        if "required" in params:
-            lines.append(f"<required>{_json(params['required'])}</required>")
-        lines += ["</parameters>", "</function>"]
-    lines.append("</tools>")
-    return "\n".join(lines)
-
-
-def render_tool_call(tool_call: Mapping[str, Any]) -> str:
-    """Render one tool call (``{"function": {"name", "arguments"}}`` or bare) as XML.
-
-    ``arguments`` must be a mapping; string values are written verbatim, other values as JSON.
-    The result ends with ``</tool_call>\\n``.
-    """
+def _check_tool_call(tool_call: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
     fn = _unwrap_function(tool_call)
     name = fn.get("name")
-    if not name:
+    if not isinstance(name, str) or not name:
         raise ValueError(f"tool call {dict(tool_call)!r} has no function name; set function.name")
     args = fn.get("arguments")
     args = {} if args is None else args
@@ -113,246 +173,77 @@ def render_tool_call(tool_call: Mapping[str, Any]) -> str:
             f"tool call {name!r} has arguments of type {type(args).__name__}; pass a dict "
             "(json.loads a JSON string first)"
         )
+    return name, args
+
+
+def render_tool_call(tool_call: Mapping[str, Any]) -> str:
+    """One tool call as the released templates write it; ends with ``</tool_call>\\n``.
+
+    ``tool_call`` is ``{"function": {"name", "arguments"}}`` or bare ``{"name", "arguments"}``, with
+    ``arguments`` a dict. Dicts and lists are written as JSON, everything else as Jinja's ``string``
+    filter writes it (Python's ``str``: ``"Paris"``, ``2``, ``True``). Handy for scripting model
+    output in tests; the test suite checks it against the templates.
+    """
+    name, args = _check_tool_call(tool_call)
     out = f"<tool_call>\n<function={name}>\n"
     for key, value in args.items():
-        text = value if isinstance(value, str) else _json(value)
+        is_json = isinstance(value, Mapping) or (isinstance(value, Sequence) and not isinstance(value, str))
+        text = json.dumps(value, ensure_ascii=False) if is_json else str(value)
         out += f"<parameter={key}>\n{text}\n</parameter>\n"
     return out + "</function>\n</tool_call>\n"
-
-
-def _split_reasoning(message: Mapping[str, Any], content: str) -> tuple[str, str]:
-    """Return (reasoning, content) of an assistant message, with the edge newlines trimmed."""
-    reasoning = message.get("reasoning_content")
-    if isinstance(reasoning, str):
-        pass
-    elif "</think>" in content:
-        reasoning = content.split("</think>")[0].split("<think>")[-1]
-        content = content.split("</think>")[-1]
-    else:
-        reasoning = ""
-    return reasoning.strip("\n"), content.lstrip("\n")
-
-
-def _content(message: Mapping[str, Any], index: int) -> str:
-    content = message.get("content")
-    if content is None:
-        return ""
-    if not isinstance(content, str):
-        raise ValueError(
-            f"message {index} has content of type {type(content).__name__}; "
-            "Nemotron 3 chat is text-only, pass a string"
-        )
-    return content
 
 
 def render_chat(
     messages: Sequence[Mapping[str, Any]],
     tools: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    family: str = "nano",
     enable_thinking: bool = True,
     add_generation_prompt: bool = False,
     truncate_history_thinking: bool = True,
     low_effort: bool = False,
     medium_effort: bool = False,
 ) -> str:
-    """Render a conversation in the Nemotron 3 chat format (same string as the Jinja template).
+    """Render a conversation with the released ``family`` template, without a tokenizer.
+
+    The same string as ``tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, ...)``
+    on a tokenizer carrying that template: rendering goes through transformers' own Jinja
+    environment (``render_jinja_template``).
 
     Args:
-        messages: dicts with ``role`` (system / user / assistant / tool) and ``content``;
-            assistant messages may carry ``reasoning_content`` (or inline ``<think>...</think>``)
-            and ``tool_calls``.
+        messages: dicts with ``role`` and string ``content``; assistant messages may carry
+            ``reasoning_content`` (or inline ``<think>...</think>``) and ``tool_calls`` (arguments as dicts).
         tools: JSON-schema tool specs, declared in the system turn.
-        enable_thinking: ends the generation prompt with ``<think>\\n`` (on) or
-            ``<think></think>`` (off).
+        family: ``"nano"``, ``"super"`` or ``"ultra"`` (:data:`CHAT_TEMPLATE_FAMILIES`).
+        enable_thinking: the generation prompt ends with ``<think>\\n`` (on) or ``<think></think>`` (off).
         add_generation_prompt: append the opening of an assistant turn.
-        truncate_history_thinking: drop reasoning of assistant turns before the last user turn.
-        low_effort: append ``{reasoning effort: low}`` to the last user message (Super).
-        medium_effort: append ``{reasoning effort: efficient}`` to the last user message (Ultra).
+        truncate_history_thinking: drop the reasoning of assistant turns before the last user message.
+        low_effort: Super only: append ``{reasoning effort: low}`` to the last user message.
+        medium_effort: Ultra only: append ``{reasoning effort: efficient}`` to the last user message.
 
     Raises:
-        ValueError: unknown role, system message not first, non-string content, tool call
-            without a name or with non-dict arguments.
+        ValueError: unknown family, an effort flag the family's template does not read, non-string
+            content, a tool call without a name or with non-dict arguments.
+        ImportError: TRL (where the templates come from) is not installed.
     """
-    if low_effort and medium_effort:
-        raise ValueError("low_effort and medium_effort are both set; choose at most one")
-    for i, message in enumerate(messages):
-        role = message.get("role")
-        if role not in _ROLES:
-            raise ValueError(f"message {i} has unknown role {role!r}; use one of {_ROLES}")
-        if role == "system" and i != 0:
-            raise ValueError(f"system message at position {i}; a system message must come first")
+    from transformers.utils.chat_template_utils import render_jinja_template
 
-    system = ""
-    if messages and messages[0]["role"] == "system":
-        system = _content(messages[0], 0)
-        messages = messages[1:]
-        offset = 1
-    else:
-        offset = 0
-    if tools:
-        declared = TOOLS_PREAMBLE + render_tool_declarations(tools) + TOOLS_INSTRUCTIONS
-        system = system + "\n\n" + declared if system else declared
-    out = f"<|im_start|>system\n{system}<|im_end|>\n"
-
-    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
-    for i, message in enumerate(messages):
-        role, content = message["role"], _content(message, i + offset)
-        if role == "user":
-            if i == last_user and low_effort:
-                content += LOW_EFFORT_SUFFIX
-            if i == last_user and medium_effort:
-                content += MEDIUM_EFFORT_SUFFIX
-            out += f"<|im_start|>user\n{content}<|im_end|>\n"
-        elif role == "assistant":
-            reasoning, content = _split_reasoning(message, content)
-            if reasoning and not (truncate_history_thinking and i < last_user):
-                body = f"<think>\n{reasoning}\n</think>\n{content}"
-            else:
-                body = f"<think></think>{content}"
-            calls = message.get("tool_calls") or []
-            if calls and not body.endswith("\n"):
-                body += "\n"
-            body += "".join(render_tool_call(call) for call in calls)
-            out += f"<|im_start|>assistant\n{body}<|im_end|>\n"
-        else:  # tool
-            if i == 0 or messages[i - 1]["role"] != "tool":
-                out += "<|im_start|>user\n"
-            out += f"<tool_response>\n{content}\n</tool_response>\n"
-            if i == len(messages) - 1 or messages[i + 1]["role"] != "tool":
-                out += "<|im_end|>\n"
-    if add_generation_prompt:
-        out += "<|im_start|>assistant\n" + ("<think>\n" if enable_thinking else "<think></think>")
-    return out
-
-
-# --------------------------------------------------------------------------- Jinja
-# Written with ``{%- -%}`` everywhere and all text in ``{{ }}`` so that whitespace in the
-# template source never reaches the output. Keep it in step with ``render_chat`` above.
-
-NEMOTRON3_CHAT_TEMPLATE = (
-    r"""
-{%- set enable_thinking = enable_thinking if enable_thinking is defined else true -%}
-{%- set truncate_history_thinking = truncate_history_thinking if truncate_history_thinking is defined else true -%}
-{%- set low_effort = low_effort if low_effort is defined else false -%}
-{%- set medium_effort = medium_effort if medium_effort is defined else false -%}
-{%- if low_effort and medium_effort -%}
-{{- raise_exception('low_effort and medium_effort are both set; choose at most one') -}}
-{%- endif -%}
-{%- macro text_of(message, index) -%}
-{%- if message.content is none or message.content is not defined -%}
-{%- elif message.content is string -%}{{- message.content -}}
-{%- else -%}{{- raise_exception('message ' ~ index ~ ' has non-string content; Nemotron 3 chat is text-only, pass a string') -}}
-{%- endif -%}
-{%- endmacro -%}
-{%- for message in messages -%}
-{%- if message.role not in ['system', 'user', 'assistant', 'tool'] -%}
-{{- raise_exception('message ' ~ loop.index0 ~ ' has unknown role ' ~ message.role ~ '; use system, user, assistant or tool') -}}
-{%- endif -%}
-{%- if message.role == 'system' and not loop.first -%}
-{{- raise_exception('system message at position ' ~ loop.index0 ~ '; a system message must come first') -}}
-{%- endif -%}
-{%- endfor -%}
-{%- if messages and messages[0].role == 'system' -%}
-{%- set system = text_of(messages[0], 0) -%}
-{%- set offset = 1 -%}
-{%- else -%}
-{%- set system = '' -%}
-{%- set offset = 0 -%}
-{%- endif -%}
-{%- set turns = messages[offset:] -%}
-{{- '<|im_start|>system\n' + system -}}
-{%- if tools -%}
-{%- if system -%}{{- '\n\n' -}}{%- endif -%}
-{{- '"""
-    + TOOLS_PREAMBLE.replace("\n", "\\n")
-    + r"""<tools>' -}}
-{%- for tool in tools -%}
-{%- set spec = tool.function if tool.function is mapping else tool -%}
-{%- if not spec.name -%}{{- raise_exception('tool declaration has no name; give each tool a name') -}}{%- endif -%}
-{{- '\n<function>\n<name>' + spec.name + '</name>' -}}
-{%- if spec.description -%}{{- '\n<description>' + spec.description | trim + '</description>' -}}{%- endif -%}
-{{- '\n<parameters>' -}}
-{%- set params = spec.parameters if spec.parameters is mapping else {} -%}
-{%- if params.properties is mapping -%}
-{%- for pname, pspec in params.properties.items() -%}
-{{- '\n<parameter>\n<name>' + pname + '</name>' -}}
-{%- if pspec.type is defined -%}{{- '\n<type>' ~ pspec.type ~ '</type>' -}}{%- endif -%}
-{%- if pspec.description -%}{{- '\n<description>' + pspec.description | trim + '</description>' -}}{%- endif -%}
-{%- if pspec.enum is defined -%}{{- '\n<enum>' + pspec.enum | tojson + '</enum>' -}}{%- endif -%}
-{{- '\n</parameter>' -}}
-{%- endfor -%}
-{%- endif -%}
-{%- if params.required is defined -%}{{- '\n<required>' + params.required | tojson + '</required>' -}}{%- endif -%}
-{{- '\n</parameters>\n</function>' -}}
-{%- endfor -%}
-{{- '\n</tools>"""
-    + TOOLS_INSTRUCTIONS.replace("\n", "\\n")
-    + r"""' -}}
-{%- endif -%}
-{{- '<|im_end|>\n' -}}
-{%- set ns = namespace(last_user=-1) -%}
-{%- for message in turns -%}
-{%- if message.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}
-{%- endfor -%}
-{%- for message in turns -%}
-{%- set content = text_of(message, loop.index0 + offset) -%}
-{%- if message.role == 'user' -%}
-{%- if loop.index0 == ns.last_user and low_effort -%}{%- set content = content + '"""
-    + LOW_EFFORT_SUFFIX.replace("\n", "\\n")
-    + r"""' -%}{%- endif -%}
-{%- if loop.index0 == ns.last_user and medium_effort -%}{%- set content = content + '"""
-    + MEDIUM_EFFORT_SUFFIX.replace("\n", "\\n")
-    + r"""' -%}{%- endif -%}
-{{- '<|im_start|>user\n' + content + '<|im_end|>\n' -}}
-{%- elif message.role == 'assistant' -%}
-{%- if message.reasoning_content is string -%}
-{%- set reasoning = message.reasoning_content -%}
-{%- elif '</think>' in content -%}
-{%- set reasoning = content.split('</think>')[0].split('<think>')[-1] -%}
-{%- set content = content.split('</think>')[-1] -%}
-{%- else -%}
-{%- set reasoning = '' -%}
-{%- endif -%}
-{%- set reasoning = reasoning.strip('\n') -%}
-{%- set content = content.lstrip('\n') -%}
-{%- if reasoning and not (truncate_history_thinking and loop.index0 < ns.last_user) -%}
-{%- set body = '<think>\n' + reasoning + '\n</think>\n' + content -%}
-{%- else -%}
-{%- set body = '<think></think>' + content -%}
-{%- endif -%}
-{{- '<|im_start|>assistant\n' -}}
-{%- generation -%}
-{{- body -}}
-{%- if message.tool_calls -%}
-{%- if not body.endswith('\n') -%}{{- '\n' -}}{%- endif -%}
-{%- for call in message.tool_calls -%}
-{%- set fn = call.function if call.function is mapping else call -%}
-{%- if not fn.name -%}{{- raise_exception('tool call without a function name; set function.name') -}}{%- endif -%}
-{%- if fn.arguments is defined and fn.arguments is not none and fn.arguments is not mapping -%}
-{{- raise_exception('tool call ' ~ fn.name ~ ' has non-dict arguments; pass a dict (json.loads a JSON string first)') -}}
-{%- endif -%}
-{{- '<tool_call>\n<function=' + fn.name + '>\n' -}}
-{%- if fn.arguments is mapping -%}
-{%- for key, value in fn.arguments.items() -%}
-{{- '<parameter=' + key + '>\n' -}}
-{%- if value is string -%}{{- value -}}{%- else -%}{{- value | tojson -}}{%- endif -%}
-{{- '\n</parameter>\n' -}}
-{%- endfor -%}
-{%- endif -%}
-{{- '</function>\n</tool_call>\n' -}}
-{%- endfor -%}
-{%- endif -%}
-{{- '<|im_end|>' -}}
-{%- endgeneration -%}
-{{- '\n' -}}
-{%- else -%}
-{%- if loop.first or loop.previtem.role != 'tool' -%}{{- '<|im_start|>user\n' -}}{%- endif -%}
-{{- '<tool_response>\n' + content + '\n</tool_response>\n' -}}
-{%- if loop.last or loop.nextitem.role != 'tool' -%}{{- '<|im_end|>\n' -}}{%- endif -%}
-{%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-{{- '<|im_start|>assistant\n' -}}
-{%- if enable_thinking -%}{{- '<think>\n' -}}{%- else -%}{{- '<think></think>' -}}{%- endif -%}
-{%- endif -%}
-"""
-).strip()
+    _check_family(family)
+    flags = {"low_effort": low_effort, "medium_effort": medium_effort}
+    for flag, owner in _EFFORT_FLAGS.items():
+        if flags[flag] and family != owner:
+            raise ValueError(f"{flag}=True is read only by the {owner!r} template; pass family={owner!r} or drop it")
+    _check_messages(messages)
+    # Like apply_chat_template: keys set to None count as missing (content=None, tool_calls=None).
+    messages = [{k: v for k, v in message.items() if v is not None} for message in messages]
+    kwargs = {flag: True for flag, on in flags.items() if on}
+    rendered, _ = render_jinja_template(
+        conversations=[messages],
+        tools=list(tools) if tools else None,
+        chat_template=released_chat_template(family),
+        add_generation_prompt=add_generation_prompt,
+        enable_thinking=enable_thinking,
+        truncate_history_thinking=truncate_history_thinking,
+        **kwargs,
+    )
+    return rendered[0]

@@ -2,8 +2,10 @@
 
 Input is the text of one assistant turn, as decoded with ``skip_special_tokens=False``: either
 what the model generated after the generation prompt (with thinking on the prompt already
-ends with ``<think>\\n``, so the text starts inside the reasoning) or a whole rendered turn
-(``<think>\\n...\\n</think>\\n...``). Nothing here raises on model output: a missing
+ends with ``<think>\\n``, so the text starts inside the reasoning) or a whole rendered turn.
+It reads every released Nemotron 3 template's output (see ``chat_template.py``): Nano / Super
+write ``<think>\\n...\\n</think>\\n...``, Ultra ``<think>\\n...</think>...``; the tests parse
+what those templates render and compare with TRL's response parser. Nothing here raises on model output: a missing
 ``</think>`` sets ``reasoning_truncated``, a broken tool call lands in ``invalid_tool_calls``
 with the reason.
 """
@@ -82,9 +84,15 @@ def _parameter_types(tools: Sequence[Mapping[str, Any]] | None) -> dict[str, dic
 
 
 def _decode_value(raw: str, declared_type: Any) -> Any:
-    """A parameter value: kept as text for declared strings, else JSON when it parses as JSON."""
+    """A parameter value: kept as text for declared strings, else JSON when it parses as JSON.
+
+    The templates write non-JSON scalars with Jinja's ``string`` filter, so a boolean arrives as
+    ``True`` / ``False``; a parameter declared ``"boolean"`` reads those (and ``true`` / ``false``).
+    """
     if declared_type == "string":
         return raw
+    if declared_type == "boolean" and raw.strip() in ("True", "False", "true", "false"):
+        return raw.strip() in ("True", "true")
     try:
         return json.loads(raw)
     except ValueError:
@@ -123,8 +131,9 @@ def parse_assistant_output(
         enable_thinking: how the turn was prompted. With thinking on, text without
             ``</think>`` is unfinished reasoning (``reasoning_truncated=True``); with thinking
             off it is all content.
-        tools: the declared tools; parameters declared ``"type": "string"`` stay strings, all
-            other values are JSON-decoded when they parse as JSON (so ``3`` becomes ``3``).
+        tools: the declared tools; parameters declared ``"type": "string"`` stay strings,
+            ``"boolean"`` ones read ``True`` / ``False``, all other values are JSON-decoded when they
+            parse as JSON (so ``3`` becomes ``3``).
 
     Returns:
         A :class:`ParsedOutput`; malformed tool calls are reported in ``invalid_tool_calls``.

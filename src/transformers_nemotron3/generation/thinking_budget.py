@@ -13,6 +13,12 @@ instance serves any batch, beam search and repeated ``generate`` calls.
 Counting: every token after ``<think>`` counts, including the ``\\n`` that the chat template
 puts after ``<think>`` in the prompt. With budget N and grace G the forced ``</think>`` starts
 at most N + G tokens after ``<think>``.
+
+To end the turn the way the released templates write one (``chat_template.py``): Nano and Super
+put ``\\n`` before and after ``</think>``, so give a ``grace_period`` (the stop then lands on a
+newline) and ``append_newline=True``; Ultra writes ``{reasoning}</think>{answer}``, so keep
+``append_newline=False``. The test suite checks that a turn ended this way renders back byte for
+byte through each family's template.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Multi-environment, multi-turn rollouts for GRPO (TRL's ``rollout_func`` contract).
 
 For each row of the batch (one completion per row: TRL repeats every prompt ``num_generations`` times),
-``MultiEnvRollout`` creates a fresh environment instance, renders the opening messages with the Nemotron 3
-chat template, and then alternates:
+``MultiEnvRollout`` creates a fresh environment instance, renders the opening messages with the tokenizer's chat
+template (a released Nemotron 3 one), and then alternates:
 
 1. sample one assistant turn for all unfinished rows in one batched ``generate`` call (left padding,
    ``<|im_end|>`` / ``</s>`` stop, the thinking budget as a logits processor);
@@ -24,13 +24,17 @@ import torch
 from transformers import LogitsProcessorList
 
 from ..generation.thinking_budget import ThinkingBudgetLogitsProcessor
+from ..tokenizer import end_of_turn_token_ids
 from .environments.base import Environment
 
 __all__ = ["MultiEnvRollout", "tool_turn_text"]
 
 
 def tool_turn_text(observations: list[dict], enable_thinking: bool) -> str:
-    """The text between an assistant turn's ``<|im_end|>`` and the next assistant turn's first token."""
+    """The text between an assistant turn's ``<|im_end|>`` and the next assistant turn's first token.
+
+    The same for the released Nano, Super and Ultra templates (modeling_tests/test_chat_template.py checks it).
+    """
     body = "".join(f"<tool_response>\n{o['content']}\n</tool_response>\n" for o in observations)
     think = "<think>\n" if enable_thinking else "<think></think>"
     return f"\n<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n{think}"
@@ -80,7 +84,7 @@ class MultiEnvRollout:
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention_mask[row, width - len(ids):] = 1
         device = next(model.parameters()).device
-        stops = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+        stops = end_of_turn_token_ids(tokenizer)  # </s> and <|im_end|>, where the tokenizer has them
         out = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=True,
             temperature=self.temperature, top_p=self.top_p, top_k=0, max_new_tokens=max_new_tokens,
@@ -105,6 +109,7 @@ class MultiEnvRollout:
         tokenizer = trainer.processing_class
         model = trainer.accelerator.unwrap_model(trainer.model)
         think = "<think>\n" if self.enable_thinking else "<think></think>"
+        im_end = tokenizer.get_vocab().get("<|im_end|>")
 
         envs, prompt_ids = [], []
         for row in rows:
@@ -145,7 +150,7 @@ class MultiEnvRollout:
                     if step.done or not step.observations:
                         continue
                     glue = tool_turn_text(step.observations, self.enable_thinking)
-                    if not ids or ids[-1] != tokenizer.convert_tokens_to_ids("<|im_end|>"):
+                    if not ids or ids[-1] != im_end:
                         glue = "<|im_end|>" + glue
                     glue_ids = tokenizer(glue, add_special_tokens=False)["input_ids"]
                     if len(completion[i]) + len(glue_ids) >= self.max_completion_length:

@@ -2,7 +2,10 @@
 
 What it adds on top of TRL (each a narrow override):
 
-* the Nemotron 3 chat template by default (with ``{% generation %}`` markers, so assistant-only loss works);
+* the chat template released with the checkpoints: a tokenizer that carries one keeps it, one without gets the
+  released Nano template (``chat_template_family`` picks Super / Ultra, or replaces the tokenizer's). For
+  ``assistant_only_loss`` TRL then swaps in its training variant (``get_training_chat_template``: the same text
+  with ``{% generation %}`` markers);
 * a mix of thinking-on and thinking-off examples: a fraction ``thinking_off_ratio`` of conversations
   (chosen by a seeded coin per example) lose their reasoning, which renders as ``<think></think>``;
 * history-thinking truncation (``truncate_history_thinking``, passed to the template per example);
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from ..generation.chat_template import NEMOTRON3_CHAT_TEMPLATE
+from ..generation.chat_template import CHAT_TEMPLATE_FAMILIES, released_chat_template
 from .callbacks import ExpertBiasUpdateCallback
 from .compat import prepare_model_for_trl
 from .parallel import Nemotron3ParallelTrainerMixin, as_parallel_config, parallel_config_to_dict
@@ -42,6 +45,8 @@ class Nemotron3SFTConfig(SFTConfig):
             rendered ``<think></think>``). 0 keeps every example as given.
         thinking_mix_seed: seed of the per-example thinking on/off coin.
         truncate_history_thinking: drop the reasoning of assistant turns before the last user turn.
+        chat_template_family: "nano", "super" or "ultra": the tokenizer gets that family's released chat template
+            (replacing its own). None: keep the tokenizer's template, or the Nano one if it has none.
         update_expert_bias: call ``model.update_expert_bias`` after every optimizer step.
         expert_bias_update_rate: rate for that update; None uses ``config.moe_bias_update_rate``.
         parallel_config: a `Nemotron3ParallelConfig` (or a dict of its fields, or that dict as JSON): expert / context parallelism
@@ -52,6 +57,8 @@ class Nemotron3SFTConfig(SFTConfig):
     thinking_off_ratio: float = field(default=0.0, metadata={"help": "Fraction of examples with thinking off."})
     thinking_mix_seed: int = field(default=0, metadata={"help": "Seed of the thinking on/off coin."})
     truncate_history_thinking: bool = field(default=True, metadata={"help": "Drop reasoning of earlier turns."})
+    chat_template_family: str | None = field(default=None, metadata={
+        "help": "nano / super / ultra: use that released chat template. None: the tokenizer's own, else nano."})
     update_expert_bias: bool = field(default=True, metadata={"help": "Aux-loss-free expert-bias update each step."})
     expert_bias_update_rate: float | None = field(default=None, metadata={"help": "None: config value."})
     parallel_config: dict | str | None = field(default=None, metadata={
@@ -60,6 +67,10 @@ class Nemotron3SFTConfig(SFTConfig):
     def __post_init__(self):
         if not 0.0 <= self.thinking_off_ratio <= 1.0:
             raise ValueError(f"thinking_off_ratio={self.thinking_off_ratio} must be in [0, 1]")
+        if self.chat_template_family is not None and self.chat_template_family not in CHAT_TEMPLATE_FAMILIES:
+            raise ValueError(f"chat_template_family={self.chat_template_family!r}; use one of {CHAT_TEMPLATE_FAMILIES}")
+        if self.chat_template_family is not None and self.chat_template_path is not None:
+            raise ValueError("chat_template_family and chat_template_path are both set; choose one")
         self.parallel_config = as_parallel_config(self.parallel_config)
         super().__post_init__()
 
@@ -73,7 +84,7 @@ def apply_thinking_mode(messages: list[dict], thinking: bool) -> list[dict]:
     """Copy of ``messages``; with ``thinking=False`` every assistant turn loses its reasoning.
 
     Reasoning may sit in ``reasoning_content`` or inline as ``<think>...</think>`` in ``content``; both go,
-    so the chat template renders the turn as ``<think></think>{content}``.
+    so the released templates render the turn as ``<think></think>{content}``.
     """
     out = []
     for message in messages:
@@ -96,8 +107,13 @@ class Nemotron3SFTTrainer(Nemotron3ParallelTrainerMixin, SFTTrainer):
             args = Nemotron3SFTConfig(output_dir="nemotron3-sft")
         if not isinstance(args, Nemotron3SFTConfig):
             raise ValueError(f"args must be a Nemotron3SFTConfig, got {type(args).__name__}")
-        if processing_class is not None and getattr(processing_class, "chat_template", None) is None:
-            processing_class.chat_template = NEMOTRON3_CHAT_TEMPLATE
+        if args.chat_template_family is not None:
+            if processing_class is None:
+                raise ValueError("chat_template_family needs the tokenizer: pass processing_class=")
+            processing_class.chat_template = released_chat_template(args.chat_template_family)
+        elif (processing_class is not None and args.chat_template_path is None
+              and getattr(processing_class, "chat_template", None) is None):
+            processing_class.chat_template = released_chat_template("nano")
         callbacks = list(callbacks or [])
         if args.update_expert_bias:
             callbacks.append(ExpertBiasUpdateCallback(args.expert_bias_update_rate))
