@@ -114,7 +114,7 @@ def publish(
     if resolved is None:
         raise ValueError("No Hugging Face token: set the HF_TOKEN environment variable, run `hf auth login`, "
                          "or pass token=...; a token with write access is needed to create and upload a repo.")
-    if constants.is_offline_mode():
+    if constants.HF_HUB_OFFLINE:
         raise ValueError("HF_HUB_OFFLINE=1 is set, so huggingface_hub sends nothing; unset it to publish "
                          "(or use dry_run=True / --dry-run to only check the folder).")
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
@@ -161,7 +161,7 @@ def probe_hub(endpoint: str, token: str, timeout: float) -> str:
     worker.start()
     worker.join(timeout + 1.0)
     hint = "check the network, HF_ENDPOINT / endpoint=, or use --dry-run to check the folder offline"
-    if worker.is_alive():
+    if worker.is_alive() or "Timeout" in type(outcome.get("error")).__name__:
         raise ConnectionError(f"The Hub at {endpoint} did not answer within {timeout:g}s; {hint}.")
     if "error" in outcome:
         exc = outcome["error"]

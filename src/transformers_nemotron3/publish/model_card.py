@@ -54,35 +54,36 @@ def architecture_table(report: FolderReport) -> str:
     config = report.config
     if config is None:
         return "_config.json could not be read._"
-    pattern = str(getattr(config, "hybrid_override_pattern", ""))
+
+    def get(name: str, default="?"):
+        value = getattr(config, name, None)
+        return default if value is None else value
+
+    pattern = str(get("hybrid_override_pattern", ""))
     counts = ", ".join(f"{pattern.count(c)} {name}" for c, name in _BLOCK_NAMES.items() if pattern.count(c))
     rows = [
         ("layers", f"{len(pattern)} ({counts})"),
         ("layer pattern", f"`{pattern}` (M = Mamba-2, * = attention, E = MoE, - = MLP)"),
-        ("hidden size", getattr(config, "hidden_size", None)),
-        ("vocabulary", getattr(config, "vocab_size", None)),
-        ("attention", f"{getattr(config, 'num_attention_heads', '?')} heads, "
-                      f"{getattr(config, 'num_key_value_heads', '?')} KV heads, head dim {getattr(config, 'head_dim', '?')}"),
-        ("Mamba-2", f"{getattr(config, 'mamba_num_heads', '?')} heads x {getattr(config, 'mamba_head_dim', '?')}, "
-                    f"state {getattr(config, 'ssm_state_size', '?')}, {getattr(config, 'n_groups', '?')} groups"),
+        ("hidden size", get("hidden_size")),
+        ("vocabulary", get("vocab_size")),
+        ("attention", f"{get('num_attention_heads')} heads, {get('num_key_value_heads')} KV heads, "
+                      f"head dim {get('head_dim')}"),
+        ("Mamba-2", f"{get('mamba_num_heads')} heads x {get('mamba_head_dim')}, state {get('ssm_state_size')}, "
+                    f"{get('n_groups')} groups"),
     ]
     if "E" in pattern:
-        experts = (f"{getattr(config, 'n_routed_experts', '?')} routed, top-{getattr(config, 'num_experts_per_tok', '?')}"
-                   f", {getattr(config, 'n_shared_experts', 0) or 0} shared, expert size "
-                   f"{getattr(config, 'moe_intermediate_size', '?')}")
-        rows.append(("experts", experts))
-        latent = getattr(config, "moe_latent_size", None)
-        if latent:
-            rows.append(("LatentMoE", f"experts run in a {latent}-wide latent space"))
-    mtp = int(getattr(config, "num_nextn_predict_layers", 0) or 0)
-    rows.append(("MTP", f"{mtp} head(s), pattern `{getattr(config, 'mtp_hybrid_override_pattern', '')}`"
-                        if mtp else "none"))
+        rows.append(("experts", f"{get('n_routed_experts')} routed, top-{get('num_experts_per_tok')}, "
+                                f"{get('n_shared_experts', 0)} shared, expert size {get('moe_intermediate_size')}"))
+        if get("moe_latent_size", None):
+            rows.append(("LatentMoE", f"experts run in a {get('moe_latent_size')}-wide latent space"))
+    mtp = int(get("num_nextn_predict_layers", 0))
+    rows.append(("MTP", f"{mtp} head(s), pattern `{get('mtp_hybrid_override_pattern', '')}`" if mtp else "none"))
     if report.num_parameters:
         rows.append(("parameters", f"{report.num_parameters / 1e9:.3g}B" if report.num_parameters >= 1e8
                      else f"{report.num_parameters / 1e6:.3g}M"))
     if report.weight_dtypes:
         rows.append(("weights", ", ".join(report.weight_dtypes) + " safetensors"))
-    return _table(("", ""), [(name, value) for name, value in rows if value is not None])
+    return _table(("", ""), rows)
 
 
 def load_snippets(repo_id: str) -> str:
