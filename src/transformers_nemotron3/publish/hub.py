@@ -18,6 +18,7 @@ Once the probe passed, uploading is huggingface_hub's job (its progress display,
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -128,7 +129,10 @@ def publish(
     with tempfile.TemporaryDirectory(prefix="nemotron3-publish-") as stage:
         for name, _ in report.files:
             if name != "README.md":
-                os.symlink(report.folder / name, Path(stage) / name)
+                try:
+                    os.symlink(report.folder / name, Path(stage) / name)
+                except OSError:  # no symlinks (e.g. Windows without the privilege): copy
+                    shutil.copy2(report.folder / name, Path(stage) / name)
         (Path(stage) / "README.md").write_text(card, encoding="utf-8")
         commit = api.upload_folder(folder_path=stage, repo_id=result.repo_id, repo_type="model",
                                    commit_message=commit_message or DEFAULT_COMMIT_MESSAGE)
