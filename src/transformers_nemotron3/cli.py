@@ -1,4 +1,4 @@
-"""The `nemotron3` command line: `quickstart`, `upcycle`, `cpu-kernels` (benchmarks live in `scripts/` of a source checkout).
+"""The `nemotron3` command line: `quickstart`, `upcycle`, `cpu-kernels`, `publish` (benchmarks live in `scripts/` of a source checkout).
 
 Each subcommand lives with its feature; this file only routes ``nemotron3 NAME ARGS...`` to it.
 """
@@ -13,6 +13,7 @@ COMMANDS = {
     "quickstart": ("transformers_nemotron3.quickstart", "build a tiny model, generate, save with remote code, reload"),
     "upcycle": ("transformers_nemotron3.upcycling.cli", "convert a dense checkpoint into a Nemotron 3 MoE"),
     "cpu-kernels": ("transformers_nemotron3.cpu_kernels", "build (once) and check the CPU decode kernels"),
+    "publish": ("transformers_nemotron3.publish.cli", "check a saved checkpoint, write its model card, upload it"),
 }
 
 
