@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import torch
 from transformers import TrainerCallback
@@ -58,18 +59,26 @@ class RouterFreezeCallback(TrainerCallback):
 
 
 class HistoryCallback(TrainerCallback):
-    """Writes ``state.log_history`` as JSON (and, with ``plot=True``, loss/reward PNGs) when training ends."""
+    """Writes ``state.log_history`` as JSON (and, with ``plot=True``, loss/reward PNGs) when training ends.
+
+    Only the main process writes (every rank holds the same, global, history). When nothing was logged to
+    plot (``logging_steps`` larger than the steps run) it warns instead of silently writing no figure.
+    """
 
     def __init__(self, output_dir: str, plot: bool = True) -> None:
         self.output_dir = output_dir
         self.plot = plot
 
     def on_train_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return control
         os.makedirs(self.output_dir, exist_ok=True)
         with open(os.path.join(self.output_dir, "log_history.json"), "w") as f:
             json.dump(state.log_history, f, indent=1)
         if self.plot:
             from .plots import plot_history
 
-            plot_history(state.log_history, self.output_dir)
+            if not plot_history(state.log_history, self.output_dir):
+                warnings.warn(f"HistoryCallback: no loss or reward was logged in {state.global_step} steps "
+                              f"(logging_steps={args.logging_steps}), so no plot was written; lower logging_steps")
         return control
