@@ -2,7 +2,8 @@
 
 * ``Nemotron3SFTTrainer``: ``loss``, ``lm_loss``, ``mtp_loss``, ``aux_loss`` (and ``mean_token_accuracy``)
   logged by 2 gloo processes equal those of one process on the same global batch, and of one process with
-  gradient accumulation; the first step's ``lm_loss`` equals a plain forward of the initial model on the
+  gradient accumulation; the aux-loss-free expert-bias update on 2 processes uses the loads of both
+  (same biases as one process); the first step's ``lm_loss`` equals a plain forward of the initial model on the
   global batch. Rows have different numbers of loss tokens, so a per-rank mean would not match.
 * ``Nemotron3GRPOTrainer``: ``env/<name>/share`` equals the share of that environment in the rows the
   trainer actually generated for in each logging window (a rare environment missing from some batches
@@ -14,6 +15,7 @@ from __future__ import annotations
 import tempfile
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -23,6 +25,7 @@ from transformers_nemotron3.parallel import run_processes
 from transformers_nemotron3.tokenizer import build_tiny_tokenizer
 from transformers_nemotron3.trainers import (Nemotron3GRPOConfig, Nemotron3GRPOTrainer, Nemotron3SFTConfig,
                                              Nemotron3SFTTrainer)
+from transformers_nemotron3.trainers.callbacks import router_modules
 from transformers_nemotron3.trainers.environments import DigitsEnvironment, MathEnvironment
 
 try:
@@ -33,7 +36,8 @@ except ImportError:  # pragma: no cover
 STEPS = 2
 GLOBAL_BATCH = 4
 KEYS = ("loss", "lm_loss", "mtp_loss", "aux_loss", "mean_token_accuracy")
-MODEL = dict(moe_aux_loss_coef=0.05)  # latent_groups_mtp: LatentMoE + MTP, so all three parts are present
+# latent_groups_mtp: LatentMoE + MTP, so all three parts are present; aux-loss-free bias updates on
+MODEL = dict(moe_aux_loss_coef=0.05, moe_bias_update_rate=1e-3)
 
 
 # ---------------------------------------------------------------- SFT: component losses
@@ -55,7 +59,7 @@ def sft_trainer(output_dir: str, per_device: int, accumulation: int = 1):
         per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation, learning_rate=3e-3,
         logging_steps=1, disable_tqdm=True, save_strategy="no", gradient_checkpointing=False, seed=0,
         assistant_only_loss=False, completion_only_loss=True, packing=False, train_sampling_strategy="sequential",
-        dataloader_drop_last=True, update_expert_bias=False)
+        dataloader_drop_last=True)
     return Nemotron3SFTTrainer(model=model, args=args, train_dataset=sft_dataset(len(tokenizer)),
                                processing_class=tokenizer)
 
@@ -64,10 +68,14 @@ def logged(trainer) -> list[dict]:
     return [{k: row[k] for k in KEYS} for row in trainer.state.log_history if "loss" in row]
 
 
+def expert_biases(trainer) -> list:
+    return [m.e_score_correction_bias.detach().clone().numpy() for m in router_modules(trainer.model)]
+
+
 def _sft_rank(rank, world, output_dir):
     trainer = sft_trainer(output_dir, GLOBAL_BATCH // world)
     trainer.train()
-    return logged(trainer)
+    return logged(trainer), expert_biases(trainer)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +86,7 @@ def single_process_log():
         with torch.no_grad():  # independent oracle for step 1: a plain forward of the initial model
             direct = trainer.model.train()(input_ids=first_batch["input_ids"], labels=first_batch["labels"])
         trainer.train()
-        return logged(trainer), direct
+        return logged(trainer), direct, expert_biases(trainer)
 
 
 def assert_logs_equal(got: list[dict], want: list[dict], keys=KEYS) -> None:
@@ -89,7 +97,7 @@ def assert_logs_equal(got: list[dict], want: list[dict], keys=KEYS) -> None:
 
 
 def test_single_process_logs_the_model_losses(single_process_log):
-    log, direct = single_process_log
+    log, direct, _ = single_process_log
     first = log[0]
     assert first["lm_loss"] == pytest.approx(direct.lm_loss.item(), rel=1e-5)
     assert first["mtp_loss"] == pytest.approx(direct.mtp_loss.item(), rel=1e-5)
@@ -111,8 +119,14 @@ def test_gradient_accumulation_logs_the_same_values(single_process_log):
 def test_two_processes_log_the_single_process_values(single_process_log):
     with tempfile.TemporaryDirectory() as tmp:
         ranks = run_processes(_sft_rank, 2, args=(tmp,), timeout=180)
-    assert_logs_equal(ranks[0], single_process_log[0])
-    assert ranks[0] == ranks[1]  # every rank logs the global values
+    (log0, biases0), (log1, biases1) = ranks
+    assert_logs_equal(log0, single_process_log[0])
+    assert log0 == log1  # every rank logs the global values
+    # the expert-bias update used the loads of both ranks: the same biases as one process on the global batch
+    single = single_process_log[2]
+    assert any(np.abs(b).max() > 0 for b in single)
+    for got, got1, want in zip(biases0, biases1, single):
+        assert np.array_equal(got, want) and np.array_equal(got1, want)
 
 
 # ---------------------------------------------------------------- GRPO: environment shares

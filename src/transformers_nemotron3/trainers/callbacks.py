@@ -7,6 +7,7 @@ import os
 import warnings
 
 import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 __all__ = ["ExpertBiasUpdateCallback", "RouterFreezeCallback", "HistoryCallback", "router_modules"]
@@ -28,16 +29,24 @@ class ExpertBiasUpdateCallback(TrainerCallback):
     """Aux-loss-free balancing: after every optimizer step, call ``model.update_expert_bias(rate)``.
 
     The model counts expert loads over the training forwards since the previous call (all micro-batches of
-    the step), so one call per optimizer step is the DeepSeek-V3 / Nemotron 3 recipe.
+    the step), so one call per optimizer step is the DeepSeek-V3 / Nemotron 3 recipe. With several
+    data-parallel processes (``sync_loads``, on by default) the loads are first summed over all of them, so
+    every rank makes the update one process would make on the global batch (and the ranks stay identical).
+    The expert-parallel trainers sum them themselves (``ExpertLoadSyncCallback``) and pass ``sync_loads=False``.
     """
 
-    def __init__(self, rate: float | None = None) -> None:
+    def __init__(self, rate: float | None = None, sync_loads: bool = True) -> None:
         self.rate = rate
+        self.sync_loads = sync_loads
         self.updates = 0
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         model = _unwrap(model)
         if hasattr(model, "update_expert_bias"):
+            if self.sync_loads and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                for module in model.modules():  # same order on every rank
+                    if getattr(module, "expert_load", None) is not None:
+                        dist.all_reduce(module.expert_load)
             model.update_expert_bias(self.rate)
             self.updates += 1
         return control

@@ -101,7 +101,8 @@ class Nemotron3SFTTrainer(Nemotron3ParallelTrainerMixin, SFTTrainer):
             processing_class.chat_template = NEMOTRON3_CHAT_TEMPLATE
         callbacks = list(callbacks or [])
         if args.update_expert_bias:
-            callbacks.append(ExpertBiasUpdateCallback(args.expert_bias_update_rate))
+            callbacks.append(ExpertBiasUpdateCallback(args.expert_bias_update_rate,
+                                                      sync_loads=args.parallel_config is None))
         model = self._setup_nemotron3_parallel(model, args, callbacks)  # EP / CP before Trainer wraps the model
         with prepare_model_for_trl(model, args):
             super().__init__(model, args=args, processing_class=processing_class, callbacks=callbacks, **kwargs)
