@@ -69,10 +69,11 @@ def main() -> None:
         print(f"rank {rank}/{world} worker: {w.steps} steps, loss {first:.3f} -> {last:.3f}", flush=True)
     else:
         s = result.server
+        dense = 4 * sum(p.numel() for p in model.parameters())
         print(f"rank {rank}/{world} server: {s.updates} updates, {s.bytes_up_per_update:.0f} B/update up, "
-              f"{s.bytes_down_per_update:.0f} B/update down (dense: {4 * sum(p.numel() for p in model.parameters())} B)",
-              flush=True)
-    clean = result.role == "worker" or all(status in ("done", "stopped") for status in result.server.worker_status.values())
+              f"{s.bytes_down_per_update:.0f} B/update down (dense: {dense} B)", flush=True)
+    clean = result.role == "worker" or all(status in ("done", "stopped")
+                                           for status in result.server.worker_status.values())
     if clean:  # a lost worker would block the collective shutdown
         dist.destroy_process_group()
 

@@ -42,7 +42,8 @@ def synthetic_batch(step: int, vocab: int, rows: int = 8, length: int = 32) -> t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dense", nargs="?", help="dense checkpoint folder (Llama / Mistral / Qwen2 / Qwen3 / Nemotron-H)")
+    parser.add_argument("dense", nargs="?",
+                        help="dense checkpoint folder (Llama / Mistral / Qwen2 / Qwen3 / Nemotron-H)")
     parser.add_argument("destination", help="folder for the MoE checkpoint (must not exist)")
     parser.add_argument("--tiny-dense", metavar="DIR", help="write a tiny random Llama to DIR and upcycle that")
     parser.add_argument("--experts", type=int, default=8, help="expansion E: copies of the dense FFN")

@@ -167,7 +167,6 @@ def check_shares(results: list[dict]) -> None:
     generated = [item for result in results for item in result["generated"]]
     shares = results[0]["shares"]
     assert [row["step"] for row in shares] == [3, 6]
-    batches_with_math = 0
     previous = 0
     for row in shares:
         window = Counter(env for step, envs in generated if previous < step <= row["step"] for env in envs)
@@ -179,7 +178,7 @@ def check_shares(results: list[dict]) -> None:
     # the rare environment is missing from some batches: a mean over only the batches with it would be wrong
     assert 0 < batches_with_math < len(generated), generated
     all_rows = Counter(env for _, envs in generated for env in envs)
-    assert results[0]["counts"] == {k: v for k, v in all_rows.items()}
+    assert results[0]["counts"] == dict(all_rows)
     for result in results[1:]:
         assert result["shares"] == shares and result["counts"] == results[0]["counts"]
 

@@ -28,8 +28,8 @@ from trl import GRPOConfig, GRPOTrainer
 from ..generation.chat_template import NEMOTRON3_CHAT_TEMPLATE
 from .callbacks import ExpertBiasUpdateCallback, RouterFreezeCallback, router_modules
 from .compat import prepare_model_for_trl
-from .metrics import EnvironmentWindow
 from .environments.base import Environment
+from .metrics import EnvironmentWindow
 from .rollout import MultiEnvRollout
 
 __all__ = ["Nemotron3GRPOConfig", "Nemotron3GRPOTrainer", "build_environment_dataset", "environment_reward"]
