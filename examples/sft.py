@@ -71,7 +71,10 @@ def main():
     )
     peft_config = None
     if cli.lora:
-        from peft import LoraConfig
+        try:
+            from peft import LoraConfig
+        except ImportError as error:
+            raise ValueError("--lora needs PEFT: pip install peft") from error
 
         peft_config = LoraConfig(r=cli.lora_rank, lora_alpha=2 * cli.lora_rank, target_modules="all-linear",
                                  task_type="CAUSAL_LM")

@@ -58,6 +58,7 @@ def test_sft_one_step(tmp_path):
 
 
 def test_sft_lora_one_step(tmp_path):
+    pytest.importorskip("peft", reason="the --lora example needs PEFT (pip install peft)")
     out = run(["sft.py", "--steps", "1", "--lora", "--output-dir", str(tmp_path)])
     trained, total = map(lambda s: int(s.replace(",", "")),
                          re.search(r"trained ([\d,]+) of ([\d,]+) parameters \(LoRA\)", out).groups())
