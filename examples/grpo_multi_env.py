@@ -34,6 +34,8 @@ def main():
     parser.add_argument("--output-dir", default="out/grpo_multi_env")
     parser.add_argument("--seed", type=int, default=0)
     cli = parser.parse_args()
+    if cli.steps < 1:
+        raise ValueError(f"--steps {cli.steps}: pass at least 1")
 
     torch.manual_seed(cli.seed)
     tokenizer = build_tiny_tokenizer(vocab_size=300)
@@ -41,7 +43,7 @@ def main():
     args = Nemotron3GRPOConfig(
         output_dir=cli.output_dir, use_cpu=True, bf16=False, max_steps=cli.steps, report_to="none",
         save_strategy="no", per_device_train_batch_size=16, num_generations=4, max_completion_length=16,
-        learning_rate=1e-2, logging_steps=4, seed=cli.seed, gradient_checkpointing=False,
+        learning_rate=1e-2, logging_steps=min(4, cli.steps), seed=cli.seed, gradient_checkpointing=False,
         environment_weights=WEIGHTS, num_tasks=1024, task_seed=cli.seed,
         enable_thinking=True, thinking_budget=4, freeze_router=True,
     )
@@ -49,13 +51,16 @@ def main():
     trainer = Nemotron3GRPOTrainer(model=model, environments=environments, args=args, processing_class=tokenizer,
                                    callbacks=[HistoryCallback(cli.output_dir)])
     trainer.train()
-    total = sum(trainer.environment_counts.values())
+    if not trainer.is_world_process_zero():
+        return
+    total = sum(trainer.environment_counts.values())  # rows generated, all processes
+    print(f"{cli.steps} steps, {total} rows:")
     for name in WEIGHTS:
         rewards = [h[f"env/{name}/reward"] for h in trainer.state.log_history if f"env/{name}/reward" in h]
         share = trainer.environment_counts[name] / total
-        print(f"{name:12s} share {share:.2f} (weight {WEIGHTS[name]:.2f})  reward "
-              f"{rewards[0]:.3f} -> {rewards[-1]:.3f}" if rewards else f"{name}: not sampled")
-    print(f"curves in {cli.output_dir}/reward.png")
+        print(f"  {name:12s} share {share:.2f} (weight {WEIGHTS[name]:.2f})  reward "
+              f"{rewards[0]:.3f} -> {rewards[-1]:.3f}" if rewards else f"  {name:12s} not sampled")
+    print(f"curves in {cli.output_dir}/reward.png and loss.png")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@
   Nemotron 3 chat template, the thinking budget as a logits processor;
 * one reward function per environment (``<name>_reward``: the environment's verifiable reward on its own
   rows, None elsewhere), so TRL logs ``rewards/<name>_reward/mean``; the trainer adds
-  ``env/<name>/reward``, ``env/<name>/completion_length``, ``env/<name>/turns`` and ``env/<name>/share``;
+  ``env/<name>/reward``, ``env/<name>/completion_length``, ``env/<name>/turns`` (means over that
+  environment's rows of the logging window, all ranks) and ``env/<name>/share`` (its rows / all rows of
+  the window, 0 when not sampled);
 * ``freeze_router``: router weights stop training and their ``e_score_correction_bias`` is left alone
   (checked every step by :class:`~.callbacks.RouterFreezeCallback`).
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -27,6 +29,7 @@ from ..generation.chat_template import NEMOTRON3_CHAT_TEMPLATE
 from .callbacks import ExpertBiasUpdateCallback, RouterFreezeCallback, router_modules
 from .compat import prepare_model_for_trl
 from .environments.base import Environment
+from .metrics import EnvironmentWindow
 from .rollout import MultiEnvRollout
 
 __all__ = ["Nemotron3GRPOConfig", "Nemotron3GRPOTrainer", "build_environment_dataset", "environment_reward"]
@@ -139,7 +142,8 @@ class Nemotron3GRPOTrainer(GRPOTrainer):
             callbacks.append(RouterFreezeCallback(model))
         elif args.update_expert_bias:
             callbacks.append(ExpertBiasUpdateCallback())
-        self.environment_counts: Counter = Counter()
+        self.environment_counts: Counter = Counter()  # rows per environment over training, all ranks
+        self.environment_window = EnvironmentWindow(self.environment_names)
         with prepare_model_for_trl(model, args):
             super().__init__(model, reward_funcs=rewards, args=args, train_dataset=train_dataset,
                              processing_class=processing_class, callbacks=callbacks, rollout_func=self.rollout,
@@ -155,15 +159,15 @@ class Nemotron3GRPOTrainer(GRPOTrainer):
         return output
 
     def _log_environment_metrics(self, rows) -> None:
+        """Add this generation batch to the logging window (all ranks, count-weighted; see metrics.py)."""
         mode = "train" if self.model.training else "eval"
-        grouped = defaultdict(list)
-        for row in rows:
-            grouped[row["environment"]].append(row)
-        for name, group in grouped.items():
-            metrics = self._metrics[mode]
-            metrics[f"env/{name}/reward"].append(sum(r["env_reward"] for r in group) / len(group))
-            metrics[f"env/{name}/completion_length"].append(sum(r["env_model_tokens"] for r in group) / len(group))
-            metrics[f"env/{name}/turns"].append(sum(r["env_turns"] for r in group) / len(group))
-            metrics[f"env/{name}/share"].append(len(group) / len(rows))
-            if mode == "train":
-                self.environment_counts[name] += len(group)
+        counts = self.environment_window.add(self.accelerator, rows, mode)
+        if mode == "train":
+            self.environment_counts.update({name: n for name, n in counts.items() if n})
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """TRL's ``log`` plus the window's ``env/<name>/*`` values (shares of all rows, means over each env's rows)."""
+        mode = "train" if self.model.training else "eval"
+        for key, value in self.environment_window.pop(mode).items():
+            self._metrics[mode][key] = [value]  # TRL's log averages each list: one value per window
+        super().log(logs, start_time)

@@ -29,6 +29,7 @@ from trl import SFTConfig, SFTTrainer
 from ..generation.chat_template import CHAT_TEMPLATE_FAMILIES, released_chat_template
 from .callbacks import ExpertBiasUpdateCallback
 from .compat import prepare_model_for_trl
+from .metrics import component_loss_entries, token_accuracy_entry
 from .parallel import Nemotron3ParallelTrainerMixin, as_parallel_config, parallel_config_to_dict
 
 __all__ = ["Nemotron3SFTConfig", "Nemotron3SFTTrainer", "apply_thinking_mode"]
@@ -116,7 +117,8 @@ class Nemotron3SFTTrainer(Nemotron3ParallelTrainerMixin, SFTTrainer):
             processing_class.chat_template = released_chat_template("nano")
         callbacks = list(callbacks or [])
         if args.update_expert_bias:
-            callbacks.append(ExpertBiasUpdateCallback(args.expert_bias_update_rate))
+            callbacks.append(ExpertBiasUpdateCallback(args.expert_bias_update_rate,
+                                                      sync_loads=args.parallel_config is None))
         model = self._setup_nemotron3_parallel(model, args, callbacks)  # EP / CP before Trainer wraps the model
         with prepare_model_for_trl(model, args):
             super().__init__(model, args=args, processing_class=processing_class, callbacks=callbacks, **kwargs)
@@ -144,28 +146,39 @@ class Nemotron3SFTTrainer(Nemotron3ParallelTrainerMixin, SFTTrainer):
                   if k not in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
         inputs["use_cache"] = False
         context_parallel = self.nemotron3_parallel is not None and self.nemotron3_parallel.config.cp > 1
+        accumulation_steps = getattr(self, "current_gradient_accumulation_steps", 1) if mode == "train" else 1
         if context_parallel:  # loss already scaled for DDP's mean; logits are this rank's zig-zag tokens
             outputs = self.parallel_forward(model, inputs, num_items_in_batch)
             loss = outputs.loss
         else:
             outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
             loss = outputs.loss
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * self.accelerator.num_processes
-        for name in ("lm_loss", "aux_loss", "mtp_loss"):
-            value = getattr(outputs, name, None)
-            if value is not None:
-                value = self.accelerator.gather_for_metrics(value.detach().float().reshape(1)).mean().item()
-                self._metrics[mode][name].append(value)
-        labels = inputs["labels"][:, 1:]
+            if num_items_in_batch is not None:
+                loss = self._scale_for_token_mean(loss, outputs.aux_loss, accumulation_steps)
+        # logged parts: global over processes, following Trainer's `loss` (see trainers/metrics.py)
+        for name, value in component_loss_entries(
+                self.accelerator, outputs, num_items_in_batch, self.args.average_tokens_across_devices,
+                accumulation_steps).items():
+            self._metrics[mode][name].append(value)
+        labels = inputs["labels"]
         if mode == "train":
-            self._total_train_tokens += int(labels.numel())
+            count = torch.tensor(float(labels[:, 1:].numel()), device=labels.device)
+            self._total_train_tokens += int(self.accelerator.gather(count[None]).sum().item())
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-        if context_parallel:
-            return (loss, outputs) if return_outputs else loss
-        with torch.no_grad():
-            mask = labels != -100
-            top1 = outputs.logits[:, :-1].argmax(-1) == labels
-            accuracy = (top1 & mask).sum() / mask.sum().clamp(min=1)
-        self._metrics[mode]["mean_token_accuracy"].append(accuracy.item())
+        if not context_parallel:
+            self._metrics[mode]["mean_token_accuracy"].append(
+                token_accuracy_entry(self.accelerator, outputs.logits, labels))
         return (loss, outputs) if return_outputs else loss
+
+    def _scale_for_token_mean(self, loss, aux_loss, accumulation_steps: int):
+        """``loss`` was normalised by the step's token count (``num_items_in_batch``), as TRL's SFT loss.
+
+        As in TRL: the token-mean parts are multiplied by the world size when the count covers every rank
+        (DDP then averages the gradients), and the aux loss, a per-micro-batch mean, is divided by the
+        accumulation steps instead (Trainer no longer divides a loss normalised by ``num_items_in_batch``).
+        """
+        aux = aux_loss if aux_loss is not None else torch.zeros_like(loss)
+        token_mean = loss - aux
+        if self.args.average_tokens_across_devices:
+            token_mean = token_mean * self.accelerator.num_processes
+        return token_mean + aux / accumulation_steps
