@@ -146,8 +146,10 @@ def test_parallel_plans_match_native():
     assert ours._ep_plan == native._ep_plan and ours._ep_plan
 
 
-def test_push_to_hub_uploads_the_saved_folder(tmp_path, monkeypatch):
+def test_push_to_hub_without_the_package_uploads_the_saved_folder(tmp_path, monkeypatch):
     import huggingface_hub
+
+    from transformers_nemotron3 import Nemotron3PreTrainedModel
 
     calls = {}
 
@@ -163,11 +165,29 @@ def test_push_to_hub_uploads_the_saved_folder(tmp_path, monkeypatch):
             calls["upload"] = (repo_id, sorted(os.listdir(folder_path)), commit_message)
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(Nemotron3PreTrainedModel, "hub_uploader", None)  # as in the saved remote code
     model = Nemotron3ForCausalLM(tiny_config("all_blocks"))
     model.save_pretrained(tmp_path / "my-model", push_to_hub=True, private=True, token="t0k")
     assert calls["create"] == ("my-model", True) and calls["token"] == "t0k"
     repo, files, _ = calls["upload"]
     assert repo == "someone/my-model" and "model.safetensors" in files and "modeling_nemotron3.py" in files
+
+
+def test_push_to_hub_goes_through_publish_to_a_stand_in_hub(tmp_path, monkeypatch):
+    from fake_hub import TOKEN, FakeHub
+    from huggingface_hub import constants
+
+    hub = FakeHub()
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        model = Nemotron3ForCausalLM(tiny_config("all_blocks"))
+        model.save_pretrained(tmp_path / "tiny", push_to_hub=True, repo_id="someone/tiny", token=TOKEN)
+        uploaded = hub.repos["someone/tiny"]["files"]
+        assert "README.md" in uploaded and "model.safetensors" in uploaded  # the model card came with it
+    finally:
+        hub.close()
 
 
 def test_quantization_config_torchao(tmp_path):

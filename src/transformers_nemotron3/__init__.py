@@ -19,6 +19,16 @@ from .cpu_kernels import cpu_kernels_enabled, enable_cpu_kernels
 
 __version__ = "0.1.0"
 
+def _publish_saved(folder, repo_id: str, *, private: bool = False, token: str | None = None,
+                   commit_message: str | None = None) -> None:
+    """`save_pretrained(push_to_hub=True)`: the folder goes through `nemotron3 publish` (checks, model card)."""
+    from .publish import publish
+
+    publish(folder, repo_id, private=private, token=token, commit_message=commit_message, require_tokenizer=False)
+
+
+Nemotron3PreTrainedModel.hub_uploader = staticmethod(_publish_saved)
+
 AutoConfig.register("nemotron3", Nemotron3Config, exist_ok=True)
 AutoModel.register(Nemotron3Config, Nemotron3Model, exist_ok=True)
 AutoModelForCausalLM.register(Nemotron3Config, Nemotron3ForCausalLM, exist_ok=True)

@@ -141,6 +141,10 @@ class Nemotron3PreTrainedModel(PreTrainedModel):
         "router_logits": OutputRecorder(Nemotron3Router, index=0),
     }
 
+    # `save_pretrained(push_to_hub=True)` calls this with (folder, repo_id, private=, token=, commit_message=) when
+    # set; transformers_nemotron3 sets it to its `publish` (checks + model card), the saved remote code leaves it None
+    hub_uploader = None
+
     def __init__(self, config: Nemotron3Config, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
         # Trainer's resume / best-model reload call load_state_dict on the official files save_pretrained wrote
@@ -223,7 +227,11 @@ class Nemotron3PreTrainedModel(PreTrainedModel):
             shutil.rmtree(tmp, ignore_errors=True)
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", target.name)
-            from huggingface_hub import HfApi
+            if self.hub_uploader is not None:  # the package's `publish`: folder checks + model card + upload
+                self.hub_uploader(target, repo_id, private=bool(hub_kwargs.pop("private", False)), token=token,
+                                  commit_message=hub_kwargs.pop("commit_message", None))
+                return
+            from huggingface_hub import HfApi  # remote code without the package: a plain upload
 
             api = HfApi(token=token)
             repo = api.create_repo(repo_id, private=hub_kwargs.pop("private", None), exist_ok=True)
