@@ -528,7 +528,8 @@ class Nemotron3Config(PretrainedConfig):
         d.pop("layers_block_type", None)
         d.pop("mtp_layers_block_type", None)
         d["model_type"] = "nemotron_h"
-        d["architectures"] = ["NemotronHForCausalLM"]
+        if self.architectures:  # set by save_pretrained; a bare config round-trips without it
+            d["architectures"] = [a.replace("Nemotron3", "NemotronH") for a in self.architectures]
         d["hybrid_override_pattern"] = self.hybrid_override_pattern
         d["num_hidden_layers"] = self.num_hidden_layers
         if self.num_nextn_predict_layers:

@@ -180,7 +180,7 @@ class Nemotron3Mamba2Mixer(nn.Module):
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.conv_kernel, groups=self.conv_dim,
                                 padding=self.conv_kernel - 1, bias=config.use_conv_bias)
         self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.get_default_dtype())))
         self.D = nn.Parameter(torch.ones(self.num_heads))
         self.norm = GatedRMSNorm(self.intermediate_size, self.n_groups, config.layer_norm_epsilon)
         self.out_proj = Nemotron3Linear(self.intermediate_size, config.hidden_size, bias=config.use_bias)

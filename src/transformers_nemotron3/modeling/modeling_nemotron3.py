@@ -142,7 +142,7 @@ class Nemotron3PreTrainedModel(PreTrainedModel):
     }
 
     # `save_pretrained(push_to_hub=True)` calls this with (folder, repo_id, private=, token=, commit_message=) when
-    # set; transformers_nemotron3 sets it to its `publish` (checks + model card), the saved remote code leaves it None
+    # set; this package sets it to its `publish` (checks + model card), the saved remote code leaves it None
     hub_uploader = None
 
     def __init__(self, config: Nemotron3Config, *args, **kwargs) -> None:
@@ -426,6 +426,7 @@ class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
     # tied only when config.tie_word_embeddings is true (the official checkpoints are untied)
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: Nemotron3Config) -> None:
         super().__init__(config)
@@ -627,7 +628,8 @@ class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
             cache = Nemotron3HybridCache(self.config, input_ids.shape[0], self.dtype, input_ids.device)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: the same as no mask, and decode steps skip checking it again
-        inputs = {k: v for k, v in kwargs.items() if k not in ("position_ids", "cache_position", "logits_to_keep")}
+        internal = ("position_ids", "cache_position", "logits_to_keep", "next_sequence_length", "is_first_iteration")
+        inputs = {k: v for k, v in kwargs.items() if k not in internal}
         inputs.update({"cache": cache, "attention_mask": attention_mask, "use_cache": cache is not None})
         if inputs_embeds is not None and past == 0:
             inputs["inputs_embeds"] = inputs_embeds
