@@ -192,18 +192,33 @@ def test_push_to_hub_goes_through_publish_to_a_stand_in_hub(tmp_path, monkeypatc
 
 
 def test_quantization_config_torchao(tmp_path):
-    torchao = pytest.importorskip("torchao", reason="torchao is not installed (pip install torchao)")
+    pytest.importorskip("torchao", reason="torchao is not installed (pip install torchao)")
+    from torchao.quantization import Int8WeightOnlyConfig
     from transformers import TorchAoConfig
 
     model, folder = _saved(tmp_path, "all_blocks")
-    try:
-        quant = TorchAoConfig("int8_weight_only")
-    except Exception as exc:  # noqa: BLE001 - torchao API changed
-        pytest.skip(f"this torchao ({torchao.__version__}) does not offer int8_weight_only: {exc}")
-    q = Nemotron3ForCausalLM.from_pretrained(folder, quantization_config=quant)
+    q = Nemotron3ForCausalLM.from_pretrained(folder, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
     weight = q.model.layers[1].mixer.q_proj.weight
-    assert type(weight).__name__ != "Parameter" or type(weight.data).__name__ != "Tensor"
+    assert "Int8" in type(weight).__name__, type(weight)
+    inner, _ = weight.__tensor_flatten__()  # the int8 data and its scales: about a quarter of the fp32 bytes
+    stored = sum(getattr(weight, n).numel() * getattr(weight, n).element_size() for n in inner)
+    plain = model.model.layers[1].mixer.q_proj.weight
+    assert stored < 0.4 * plain.numel() * plain.element_size()
+    assert not torch.equal(weight.dequantize(), plain) and torch.allclose(weight.dequantize(), plain, atol=0.02)
     assert torch.allclose(_logits(q, X), _logits(model, X), atol=0.05)
+
+
+def test_quantization_config_bitsandbytes_8bit(tmp_path):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install bitsandbytes)")
+    from transformers import BitsAndBytesConfig
+
+    model, folder = _saved(tmp_path, "all_blocks")
+    q = Nemotron3ForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    assert type(q.model.layers[1].mixer.q_proj).__name__ == "Linear8bitLt"
+    assert type(q.model.layers[0].mixer.in_proj).__name__ == "Linear8bitLt"
+    assert q.get_memory_footprint() < 0.8 * model.get_memory_footprint()
+    with torch.no_grad():
+        assert torch.allclose(_logits(q, X), _logits(model, X), atol=0.05)
 
 
 def test_prequantized_checkpoint_is_loaded_by_transformers_or_refused(tmp_path):

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fast_ops import Nemotron3Linear
 from .fused_decode import attention_block, fits
 
 
@@ -116,10 +115,10 @@ class Nemotron3Attention(nn.Module):
         self.use_rope = config.use_rope
         self.rotary_dim = int(self.head_dim * config.partial_rotary_factor) // 2 * 2
         bias = config.attention_bias
-        self.q_proj = Nemotron3Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = Nemotron3Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = Nemotron3Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = Nemotron3Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.use_qk_norm = bool(getattr(config, "attention_qk_norm", False))
         if self.use_qk_norm:
             # Imported here: blocks.py imports this module, and the model's _init_weights knows this class.

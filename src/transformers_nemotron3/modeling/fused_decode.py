@@ -30,9 +30,10 @@ def decode_ready(x: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def fits(dtype: torch.dtype, *linears: nn.Module) -> bool:
-    """``linears`` are plain `Nemotron3Linear` (not LoRA-wrapped or converted) with CPU weights of ``dtype``."""
+    """``linears`` are plain ``nn.Linear`` (not LoRA-wrapped, quantized or converted) with CPU weights of ``dtype``."""
     for m in linears:
-        if type(m) is not Nemotron3Linear or m.weight.dtype != dtype or m.weight.device.type != "cpu":
+        if type(m) not in (nn.Linear, Nemotron3Linear) or type(m.weight) is not nn.Parameter or m.weight.dtype != dtype \
+                or m.weight.device.type != "cpu":
             return False
     return True
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fast_ops import Nemotron3Linear, fused_mamba_step
+from .fast_ops import fused_mamba_step
 from .fused_decode import fits, mamba_block
 from .norms import rms_norm
 from .ssd import ssd_chunked, ssd_step
@@ -176,14 +176,14 @@ class Nemotron3Mamba2Mixer(nn.Module):
         self.time_step_limit = tuple(config.time_step_limit)
         self.use_kernels = bool(config.use_mamba_kernels)
         proj = self.intermediate_size + self.conv_dim + self.num_heads
-        self.in_proj = Nemotron3Linear(config.hidden_size, proj, bias=config.use_bias)
+        self.in_proj = nn.Linear(config.hidden_size, proj, bias=config.use_bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.conv_kernel, groups=self.conv_dim,
                                 padding=self.conv_kernel - 1, bias=config.use_conv_bias)
         self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.get_default_dtype())))
         self.D = nn.Parameter(torch.ones(self.num_heads))
         self.norm = GatedRMSNorm(self.intermediate_size, self.n_groups, config.layer_norm_epsilon)
-        self.out_proj = Nemotron3Linear(self.intermediate_size, config.hidden_size, bias=config.use_bias)
+        self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.use_bias)
 
     def _dt(self, dt: torch.Tensor) -> torch.Tensor:
         dt = F.softplus(dt.float() + self.dt_bias.float())

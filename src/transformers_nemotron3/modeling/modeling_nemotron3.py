@@ -29,7 +29,6 @@ from .blocks import Nemotron3Block, Nemotron3RMSNorm
 from .cache import Nemotron3HybridCache, seq_length
 from .checkpoint_layout import load_official_state_dict_hook
 from .configuration_nemotron3 import Nemotron3Config
-from .fast_ops import Nemotron3Linear
 from .fused_decode import cached_plan, decode_ready, fits
 from .mamba2 import GatedRMSNorm, Nemotron3Mamba2Mixer
 from .moe import Nemotron3Experts, Nemotron3MoE, Nemotron3Router
@@ -431,7 +430,7 @@ class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
     def __init__(self, config: Nemotron3Config) -> None:
         super().__init__(config)
         self.model = Nemotron3Model(config)
-        self.lm_head = Nemotron3Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mtp = Nemotron3MTP(config) if config.num_nextn_predict_layers > 0 else None
         self.post_init()
 

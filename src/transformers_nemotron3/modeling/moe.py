@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fast_ops import Nemotron3Linear, fused_moe_relu2, fused_moe_relu2_applies, linear, relu2_experts_fit
+from .fast_ops import fused_moe_relu2, fused_moe_relu2_applies, linear, relu2_experts_fit
 from .fused_decode import SCORE_FUNCTIONS, fits, moe_block
 
 try:
@@ -216,8 +216,8 @@ class Nemotron3MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, act: str, bias: bool) -> None:
         super().__init__()
-        self.up_proj = Nemotron3Linear(hidden, intermediate, bias=bias)
-        self.down_proj = Nemotron3Linear(intermediate, hidden, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,9 +229,9 @@ class Nemotron3GatedMLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, act: str, bias: bool) -> None:
         super().__init__()
-        self.gate_proj = Nemotron3Linear(hidden, intermediate, bias=bias)
-        self.up_proj = Nemotron3Linear(hidden, intermediate, bias=bias)
-        self.down_proj = Nemotron3Linear(intermediate, hidden, bias=bias)
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -267,8 +267,8 @@ class Nemotron3MoE(nn.Module):
             if config.n_shared_experts and config.moe_shared_expert_intermediate_size else None
         )
         if latent is not None:
-            self.fc1_latent_proj = Nemotron3Linear(hidden, latent, bias=config.mlp_bias)
-            self.fc2_latent_proj = Nemotron3Linear(latent, hidden, bias=config.mlp_bias)
+            self.fc1_latent_proj = nn.Linear(hidden, latent, bias=config.mlp_bias)
+            self.fc2_latent_proj = nn.Linear(latent, hidden, bias=config.mlp_bias)
         else:
             self.fc1_latent_proj = self.fc2_latent_proj = None
         self.config = config  # the aux-loss coefficient is read per forward (trainers may change it)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fast_ops import Nemotron3Linear
 from .blocks import Nemotron3Block, Nemotron3RMSNorm
 from .fused_decode import cached_plan, decode_ready
 
@@ -26,7 +25,7 @@ class Nemotron3MTPBlock(Nemotron3Block):
         if first:
             self.enorm = Nemotron3RMSNorm(h, eps)
             self.hnorm = Nemotron3RMSNorm(h, eps)
-            self.eh_proj = Nemotron3Linear(2 * h, h, bias=False)
+            self.eh_proj = nn.Linear(2 * h, h, bias=False)
         if last:
             self.final_layernorm = Nemotron3RMSNorm(h, eps)
 
