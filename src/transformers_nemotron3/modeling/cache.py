@@ -106,7 +106,7 @@ class MambaLayer(LinearAttentionLayer):
     def activate_past_recording(self, recurrent_states_to_keep: int | None = None) -> None:
         """Keep the state after every following token until `crop` / `stop_recording` (speculative decoding)."""
         self.record_past = True
-        self.recurrent_states_to_keep = recurrent_states_to_keep or 0
+        self.recurrent_states_to_keep = recurrent_states_to_keep or 0  # 0: unknown (transformers 5.24 gives none)
         self.history = []
         self._base = (self.conv.clone(), self.ssm.clone(), self.seen)
 
@@ -294,6 +294,12 @@ class Nemotron3HybridCache(Cache):
     @property
     def is_compileable(self) -> bool:
         return False
+
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None, **kwargs) -> None:
+        """Make the Mamba layers keep the state after each following token, so `crop(-n)` can roll back."""
+        for layer in self.layers:
+            if isinstance(layer, MambaLayer):
+                layer.activate_past_recording(recurrent_states_to_keep)
 
     # ------------------------------------------------------------------ speculative decoding with MTP
     def start_recording(self) -> None:

@@ -211,7 +211,8 @@ class Nemotron3Mamba2Mixer(nn.Module):
         if state is not None and state.history is not None and length > 1 and not state.has_previous:
             # recording from the first forward (assisted decoding): scan the prompt, then step through the tokens
             # that may be rolled back, so each has its recorded state
-            steps = min(length - 1, max(state.recurrent_states_to_keep, 1))
+            keep = state.recurrent_states_to_keep  # how many tokens may be undone (unknown: every one but the first)
+            steps = min(length - 1, keep) if keep else length - 1
             head = self._prefill(zxbcdt[:, : length - steps], A, state, dtype,
                                  padding_mask[:, : length - steps] if padding_mask is not None else None,
                                  seq_idx[:, : length - steps] if seq_idx is not None else None)

@@ -131,7 +131,7 @@ class Nemotron3PreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = False
     _supports_attention_backend = False
-    _is_stateful = True
+    _is_stateful = False  # the cache rolls back (activate_past_recording + crop), so assisted decoding works
     _can_compile_fullgraph = False
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
     _can_record_outputs = {
