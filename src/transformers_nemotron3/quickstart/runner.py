@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="tiny", choices=sorted(SIZES), help="model and step counts (default tiny)")
     p.add_argument("--out", default="nemotron3-quickstart", help="output directory (default ./nemotron3-quickstart)")
     p.add_argument("--nvfp4", action="store_true", help="continued pretraining in emulated NVFP4")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--no-train", default="", metavar="STAGES",
                    help=f"run these training stages ({', '.join(TRAINING_STAGES)}) with 0 steps: their checks "

@@ -4,6 +4,7 @@ overview plot ``curves.png`` (per-stage curves are in ``<out>/<stage>/loss.png``
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from dataclasses import asdict
@@ -14,7 +15,7 @@ __all__ = ["summary_table", "write_summary", "write_training_summary", "plot_cur
 
 CURVES = (  # (stage, logged keys, y label)
     ("pretrain", ("loss",), "loss"),
-    ("continue", ("loss",), "loss (LM + 0.3 MTP)"),
+    ("continue", ("loss",), "loss (LM + scaled MTP)"),
     ("sft", ("loss", "lm_loss", "mtp_loss"), "loss"),
     ("grpo", ("reward", "env/*/reward"), "reward"),
 )
@@ -38,8 +39,8 @@ def summary_table(results) -> str:
 
 
 def _jsonable(value):
-    if isinstance(value, float) and value != value:
-        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN / inf
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -64,7 +65,14 @@ def write_summary(ctx) -> str:
 
 
 def write_training_summary(ctx) -> str | None:
-    """``training_summary.json`` in the saved model folder (read by ``nemotron3 publish`` for the model card)."""
+    """``training_summary.json`` in the saved model folder (read by ``nemotron3 publish`` for the model card).
+
+    Schema (the same as ``summary.json``): ``command``, ``size``, ``seed``, ``nvfp4``, ``torch``, ``threads``,
+    ``machine`` and ``stages``, a list in run order of ``{name, status, metrics, message, seconds, cpu_seconds,
+    raised}``; ``metrics`` holds the stage's numbers (``loss_before`` / ``loss_after`` for training stages,
+    ``reward_before/<env>`` / ``reward_after/<env>`` for GRPO, ``acceptance_length`` and ``tokens_per_s_*`` for
+    generation, ``max_logit_diff`` for upcycle and reload). Written when the model is saved and again at the end.
+    """
     if ctx.saved is None:
         return None
     path = os.path.join(ctx.saved, "training_summary.json")
