@@ -5,7 +5,8 @@
   ``</think>`` within the budget;
 * MTP: ``mtp_generate`` (``model.generate(..., use_mtp=True)`` underneath) drafts 2 tokens per step with the
   trained MTP head and verifies them in one forward. It must produce exactly the plain greedy tokens, with a
-  mean acceptance length (tokens per main-model forward) of at least 1.2; tokens/s of both are reported.
+  mean acceptance length (tokens per main-model forward) of at least 1.2 and above that of the same model with
+  its MTP head reset to initialisation; tokens/s of both are reported.
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ def _chat_prompt(tokenizer, question: str, thinking: bool) -> torch.LongTensor:
 def _new_tokens(model, prompt, processors=None, max_new_tokens=NEW_TOKENS) -> list[int]:
     out = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=processors)
     return out[0, prompt.shape[1]:].tolist()
+
+
+def _with_fresh_mtp_head(model, seed: int):
+    """A copy of ``model`` whose MTP head is freshly initialised (the baseline a trained head must beat)."""
+    torch.manual_seed(seed)
+    fresh = type(model)(model.config).eval()
+    result = fresh.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("mtp.")},
+                                   strict=False)
+    assert result.missing_keys and all(k.startswith("mtp.") for k in result.missing_keys), result.missing_keys
+    return fresh
 
 
 @torch.no_grad()
@@ -69,14 +80,19 @@ def run(ctx) -> tuple[dict, str]:
         same &= torch.equal(plain, drafted)
         lengths.append(stats["mean_acceptance_length"])
         produced += drafted.shape[1] - prompt.shape[1]
+    untrained = _with_fresh_mtp_head(model, ctx.seed)  # the same model, its MTP head back to initialisation
+    untrained_lengths = [mtp_generate(untrained, prompt, NEW_TOKENS, num_draft_tokens=DRAFT_TOKENS,
+                                      return_stats=True)[1]["mean_acceptance_length"] for prompt in prompts]
     via_generate = model.generate(prompts[-1], max_new_tokens=NEW_TOKENS, do_sample=False, use_mtp=True,
                                   num_draft_tokens=DRAFT_TOKENS)
     same &= torch.equal(via_generate, model.generate(prompts[-1], max_new_tokens=NEW_TOKENS, do_sample=False))
     metrics = {"reasoning_tokens_free": free_len, "thinking_budget": budget, "reasoning_tokens_capped": capped_len,
                "acceptance_length": sum(lengths) / len(lengths), "mtp_equals_greedy": bool(same),
+               "acceptance_length_untrained_head": sum(untrained_lengths) / len(untrained_lengths),
                "tokens_per_s_plain": produced / plain_s, "tokens_per_s_mtp": produced / mtp_s, "samples": samples}
     return metrics, (f"reasoning {free_len} tokens free, {capped_len} with budget {budget}; MTP ({DRAFT_TOKENS} "
-                     f"drafts) acceptance length {metrics['acceptance_length']:.2f}, "
+                     f"drafts) acceptance length {metrics['acceptance_length']:.2f} (untrained head "
+                     f"{metrics['acceptance_length_untrained_head']:.2f}), "
                      f"{metrics['tokens_per_s_mtp']:.0f} vs {metrics['tokens_per_s_plain']:.0f} tok/s plain, "
                      f"same tokens as greedy: {same}")
 
@@ -89,4 +105,7 @@ def check(metrics: dict) -> str | None:
         return "MTP speculative decoding produced different tokens than greedy decoding"
     if not metrics["acceptance_length"] >= MIN_ACCEPTANCE:
         return f"MTP mean acceptance length {metrics['acceptance_length']:.2f} < {MIN_ACCEPTANCE}"
+    if not metrics["acceptance_length"] > metrics["acceptance_length_untrained_head"]:
+        return (f"the trained MTP head's acceptance length {metrics['acceptance_length']:.2f} is no better than an "
+                f"untrained head's {metrics['acceptance_length_untrained_head']:.2f}")
     return None
