@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise ValueError(f"--no-train {args.no_train!r}: {bad} are not training stages; use {TRAINING_STAGES}")
         if args.nvfp4 and "continue" not in stages:
-            raise ValueError("--nvfp4 applies to the 'continue' stage, which --stages leaves out; add it or drop --nvfp4")
+            raise ValueError("--nvfp4 applies to the 'continue' stage, which --stages leaves out; add it or drop "
+                             "--nvfp4")
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads {args.threads} must be >= 1")
     except ValueError as error:

@@ -24,6 +24,9 @@ class QuickstartSize:
         seq_len, batch_size: pretraining sequences.
         pretrain_steps, continue_steps, sft_steps, grpo_steps: optimizer steps per training stage.
         grpo_batch, grpo_generations, grpo_completion_length: GRPO rollouts per step.
+        grpo_learning_rate: high enough for the reward to rise within the steps, low enough that the policy
+            does not collapse onto the easiest reward (all digits) and leave the MTP head, which RL does not
+            train, predicting for a different model.
     """
 
     hidden_size: int
@@ -48,6 +51,7 @@ class QuickstartSize:
     grpo_batch: int
     grpo_generations: int
     grpo_completion_length: int
+    grpo_learning_rate: float
 
 
 SIZES: dict[str, QuickstartSize] = {
@@ -56,13 +60,13 @@ SIZES: dict[str, QuickstartSize] = {
         mamba_num_heads=8, mamba_head_dim=8, ssm_state_size=16, intermediate_size=128,
         num_experts=4, granularity=1, top_k=2, vocab_size=512, seq_len=64, batch_size=16,
         pretrain_steps=100, continue_steps=40, sft_steps=60, grpo_steps=24,
-        grpo_batch=16, grpo_generations=8, grpo_completion_length=16,
+        grpo_batch=16, grpo_generations=8, grpo_completion_length=16, grpo_learning_rate=1e-3,
     ),
     "small": QuickstartSize(
         hidden_size=128, dense_pattern="M-M*-M-", num_attention_heads=4, num_key_value_heads=2, head_dim=32,
         mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=32, intermediate_size=256,
         num_experts=4, granularity=2, top_k=2, vocab_size=768, seq_len=96, batch_size=16,
         pretrain_steps=240, continue_steps=120, sft_steps=160, grpo_steps=40,
-        grpo_batch=16, grpo_generations=8, grpo_completion_length=20,
+        grpo_batch=16, grpo_generations=8, grpo_completion_length=20, grpo_learning_rate=4e-4,
     ),
 }

@@ -64,7 +64,8 @@ def run(ctx) -> tuple[dict, str]:
     samples = {"question": question, "thinking_on": tokenizer.decode(free),
                f"thinking_budget_{budget}": tokenizer.decode(capped), "thinking_off": tokenizer.decode(no_think)}
 
-    prompts = [_chat_prompt(tokenizer, c[0]["content"], False) for c in sft_conversations(2, ctx.seed + 4000)["messages"]]
+    chats = sft_conversations(2, ctx.seed + 4000)["messages"]
+    prompts = [_chat_prompt(tokenizer, chat[0]["content"], False) for chat in chats]
     prompts += [counting_prompt(tokenizer, start) for start in (3, 17)]
     for drafts in (0, DRAFT_TOKENS):  # warm-up: first calls build caches and plans
         mtp_generate(model, prompts[0], 4, num_draft_tokens=drafts)

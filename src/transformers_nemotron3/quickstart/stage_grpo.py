@@ -37,7 +37,8 @@ def run(ctx) -> tuple[dict, str]:
         args = Nemotron3GRPOConfig(
             output_dir=ctx.stage_dir(NAME), use_cpu=True, bf16=False, max_steps=steps, report_to="none",
             save_strategy="no", per_device_train_batch_size=size.grpo_batch, num_generations=size.grpo_generations,
-            max_completion_length=size.grpo_completion_length, learning_rate=1e-3, logging_steps=1, seed=ctx.seed,
+            max_completion_length=size.grpo_completion_length, learning_rate=size.grpo_learning_rate, logging_steps=1,
+            seed=ctx.seed,
             gradient_checkpointing=False, num_tasks=steps * size.grpo_batch, task_seed=ctx.seed,
             enable_thinking=True, thinking_budget=THINKING_BUDGET, freeze_router=True, disable_tqdm=True,
         )
@@ -62,7 +63,8 @@ def run(ctx) -> tuple[dict, str]:
         per_env = [metrics[f"reward_{when}/{name}"] for name in ENVIRONMENTS if f"reward_{when}/{name}" in metrics]
         metrics[f"reward_{when}"] = sum(per_env) / len(per_env) if per_env else 0.0
     return metrics, (f"{steps} steps over {', '.join(ENVIRONMENTS)}: reward (mean over environments) "
-                     f"{metrics['reward_before']:.2f} -> {metrics['reward_after']:.2f} ({'; '.join(parts) or 'no rollouts'})")
+                     f"{metrics['reward_before']:.2f} -> {metrics['reward_after']:.2f} "
+                     f"({'; '.join(parts) or 'no rollouts'})")
 
 
 def check(metrics: dict) -> str | None:
