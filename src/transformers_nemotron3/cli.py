@@ -10,7 +10,8 @@ import sys
 
 # subcommand -> (module, one-line help); each module has `main(argv: list[str]) -> int`
 COMMANDS = {
-    "quickstart": ("transformers_nemotron3.quickstart", "build a tiny model, generate, save with remote code, reload"),
+    "quickstart": ("transformers_nemotron3.quickstart",
+                   "a tiny model from pretraining to RL, generation and reload, on CPU"),
     "upcycle": ("transformers_nemotron3.upcycling.cli", "convert a dense checkpoint into a Nemotron 3 MoE"),
     "cpu-kernels": ("transformers_nemotron3.cpu_kernels", "build (once) and check the CPU decode kernels"),
     "publish": ("transformers_nemotron3.publish.cli", "check a saved checkpoint, write its model card, upload it"),
