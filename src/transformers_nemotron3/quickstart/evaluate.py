@@ -33,16 +33,20 @@ def chat_loss(model, tokenizer, conversations: list[list[dict]], enable_thinking
     """Mean loss on the assistant tokens of ``conversations`` rendered by the tokenizer's chat template.
 
     With ``enable_thinking=False`` the reasoning is dropped, so the answer follows ``<think></think>``.
-    The assistant tokens are the template's ``{% generation %}`` spans (``return_assistant_tokens_mask``),
-    the same tokens SFT trains on.
+    The assistant tokens are the ``{% generation %}`` spans of the released template's training variant
+    (``return_assistant_tokens_mask``), the same tokens SFT trains on.
     """
+    from ..generation.chat_template import chat_template_family, training_chat_template
+
+    # the released template's training variant (TRL's), the one with {% generation %} spans SFT trains on
+    template = training_chat_template(chat_template_family(tokenizer.chat_template) or "nano")
     model.eval()
     total, count = 0.0, 0
     for messages in conversations:
         if not enable_thinking:
             messages = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in messages]
         enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, enable_thinking=enable_thinking,
-                                            return_assistant_tokens_mask=True)
+                                            return_assistant_tokens_mask=True, chat_template=template)
         ids = torch.tensor([enc["input_ids"]])
         mask = torch.tensor([enc["assistant_masks"]], dtype=torch.bool)
         if not mask.any():

@@ -22,12 +22,13 @@ def run(ctx) -> tuple[dict, str]:
         problems = folder_problems(ctx.saved)
         return ({"installed": False, "problems": problems},
                 f"folder validated here ({'; '.join(problems) or 'complete'}); nothing published")
-    problems = check_folder(ctx.saved)
-    problems = [str(p) for p in (problems or [])] if not isinstance(problems, bool) else ([] if problems else
-                                                                                          ["check_folder failed"])
-    report = publish(ctx.saved, REPO_ID, dry_run=True)
-    return {"installed": True, "problems": problems, "report": str(report)[:2000]}, (
-        f"dry run to {REPO_ID}: {'; '.join(problems) or 'folder ready'}; nothing uploaded")
+    report = check_folder(ctx.saved)
+    problems = list(report.problems)
+    result = publish(ctx.saved, REPO_ID, dry_run=True) if not problems else None
+    files = len(result.files) if result is not None else 0
+    return {"installed": True, "problems": problems, "files": files, "card_chars": len(result.card) if result else 0}, (
+        f"dry run to {REPO_ID}: {'; '.join(problems) or f'folder ready, {files} files with the model card'}; "
+        "nothing uploaded")
 
 
 def check(metrics: dict) -> str | None:

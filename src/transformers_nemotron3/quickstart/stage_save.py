@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..tokenizer import set_end_of_turn_eos
 from .models import require_model, require_tokenizer
 from .summary import write_training_summary
 
@@ -42,6 +43,7 @@ def run(ctx) -> tuple[dict, str]:
     model = require_model(ctx).eval()
     tokenizer = require_tokenizer(ctx)
     folder = os.path.join(ctx.out, "model")
+    set_end_of_turn_eos(model, tokenizer)  # generation stops at <|im_end|> as well as </s>, as the released configs
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     ctx.saved = folder
