@@ -115,6 +115,21 @@ class GenerationTesterMixin:
                     self._check_cache_for_generate(batch, out.cache, out.sequences.shape[1] - 1, model.config)
                     self.assertEqual(out.hidden_states[1][0].shape[1], 1, "a cached step feeds one token")
 
+    def test_greedy_generate_dict_outputs_attentions(self):
+        """With eager attention, ``output_attentions`` in ``generate`` returns per step the maps a forward returns."""
+        for model_class in self.all_generative_model_classes:
+            config, inputs = self.prepare_config_and_inputs_for_generate()
+            model = model_class._from_config(copy.deepcopy(config), attn_implementation="eager").to(torch_device).eval()
+            model.generation_config.eos_token_id = None
+            model.generation_config.pad_token_id = model.config.pad_token_id
+            out = self._generate(model, inputs, return_dict_in_generate=True, output_attentions=True)
+            with torch.no_grad():
+                ref = model(**inputs, output_attentions=True, use_cache=False)
+            self.assertEqual(len(out.attentions), self.max_new_tokens)
+            self.assertEqual(len(out.attentions[0]), len(ref.attentions))
+            for got, want in zip(out.attentions[0], ref.attentions):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
     def test_sample_generate(self):
         """Sampling is reproducible under a seed and returns ``num_return_sequences`` rows per prompt."""
         for model_class in self.all_generative_model_classes:
@@ -205,13 +220,15 @@ class GenerationTesterMixin:
             self.assertTrue(torch.equal(second, full))
 
     def test_generate_with_static_cache(self):
-        """``cache_implementation="static"`` generates what the default cache does."""
+        """``cache_implementation="static"`` uses a static (compileable) cache and generates what the default does."""
         for model_class in self.all_generative_model_classes:
             config, inputs = self.prepare_config_and_inputs_for_generate()
             model = self._model(model_class, config)
             dynamic = self._generate(model, inputs)
-            static = self._generate(model, inputs, cache_implementation="static")
-            self.assertTrue(torch.equal(static, dynamic))
+            static = self._generate(model, inputs, cache_implementation="static", return_dict_in_generate=True)
+            self.assertTrue(getattr(static.cache, "is_compileable", False),
+                            f"cache_implementation='static' was ignored: generate used a {type(static.cache).__name__}")
+            self.assertTrue(torch.equal(static.sequences, dynamic))
 
     def test_assisted_decoding_matches_greedy_search(self):
         """Prompt-lookup and assisted decoding either equal greedy search, or, on a cache whose recurrent states
