@@ -184,8 +184,7 @@ class GenerationTesterMixin:
             pad = torch.full((ids.shape[0], 4), config.pad_token_id or 0, dtype=ids.dtype, device=ids.device)
             padded_ids = torch.cat([pad, ids], dim=1)
             padded_mask = torch.cat([torch.zeros_like(pad), mask], dim=1)
-            padded_mask[0, 2:4] = 1  # rows padded by different amounts
-            padded_ids[0, 2:4] = ids[0, :2] * 0 + 5
+            padded_ids[0, 2:4], padded_mask[0, 2:4] = 5, 1  # row 0: two more real tokens, so the rows' padding differs
             with torch.no_grad():
                 plain = model(input_ids=ids, attention_mask=mask).logits[:, -1]
                 padded = model(input_ids=padded_ids, attention_mask=padded_mask).logits[:, -1]
