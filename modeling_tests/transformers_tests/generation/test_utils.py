@@ -230,8 +230,8 @@ class GenerationTesterMixin:
             self.assertTrue(torch.equal(static.sequences, dynamic))
 
     def test_assisted_decoding_matches_greedy_search(self):
-        """Prompt-lookup and assisted decoding either equal greedy search, or, on a cache whose recurrent states
-        cannot be cropped, refuse with transformers' ValueError."""
+        """Prompt-lookup and assisted decoding either equal greedy search, or, for a model whose recurrent states
+        cannot be rolled back, refuse with transformers' ValueError."""
         for model_class in self.all_generative_model_classes:
             config, inputs = self.prepare_config_and_inputs_for_generate(batch_size=1)
             model = self._model(model_class, config)
@@ -239,8 +239,8 @@ class GenerationTesterMixin:
             for extra in ({"prompt_lookup_num_tokens": 2}, {"assistant_model": model}):
                 try:
                     out = self._generate(model, inputs, max_new_tokens=4, **extra)
-                except ValueError as err:
-                    self.assertIn("cropped", str(err))
+                except ValueError as err:  # transformers >= 5.25: "... can be cropped ..."; 5.24: "... stateful models"
+                    self.assertRegex(str(err), "cropped|stateful")
                     continue
                 self.assertTrue(torch.equal(out, greedy), f"{list(extra)}: {out} != {greedy}")
 
