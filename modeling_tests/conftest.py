@@ -8,7 +8,10 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # tiny_configs, official_checkpoint
+sys.path.insert(0, os.path.dirname(__file__))  # tiny_configs, official_checkpoint, transformers_tests
+
+# transformers' common test mixins, vendored: imported by test_transformers_common.py, never collected on their own
+collect_ignore = ["transformers_tests"]
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -52,3 +55,10 @@ def kernels(monkeypatch):
     fast_ops.ops = spy
     yield spy
     real_enable(False)
+
+
+def pytest_configure(config):
+    """The markers transformers' vendored common tests use (transformers declares them in its pyproject.toml)."""
+    for name in ("accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test",
+                 "all_flash_attn_test", "torch_compile_test", "slow"):
+        config.addinivalue_line("markers", f"{name}: transformers common-test marker (see transformers_tests/)")

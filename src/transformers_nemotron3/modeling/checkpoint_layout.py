@@ -42,13 +42,17 @@ class LoadOnlyRenaming(WeightRenaming):
         return identity
 
 
-def official_layout() -> list:
-    """A fresh copy of the conversion mapping (transformers mutates transforms while loading)."""
+def official_layout(read_only: bool = True) -> list:
+    """A fresh copy of the conversion mapping (transformers mutates transforms while loading).
+
+    ``read_only=False`` leaves out what a model may never write back: the old Nemotron-H ``embedding.weight``
+    spelling, and ``gate_proj`` experts (SwiGLU experts of upcycled models only)."""
+    projections = EXPERT_PROJECTIONS if read_only else ("up_proj", "down_proj")
     return [
         WeightRenaming("backbone.", "model."),
-        LoadOnlyRenaming("embedding.weight", "embeddings.weight"),
+        *([LoadOnlyRenaming("embedding.weight", "embeddings.weight")] if read_only else []),
         *[WeightConverter(f"mixer.experts.*.{proj}.weight", f"mixer.experts.{proj}", operations=[MergeModulelist(dim=0)])
-          for proj in EXPERT_PROJECTIONS],
+          for proj in projections],
     ]
 
 

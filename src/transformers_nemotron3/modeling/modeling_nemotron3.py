@@ -7,8 +7,6 @@ is a conversion mapping (`checkpoint_layout.py`). This file and its single-dot i
 weights, so a plain transformers install loads them with ``trust_remote_code``.
 """
 
-from __future__ import annotations
-
 import math
 import os
 import shutil
@@ -634,9 +632,14 @@ class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
             inputs["inputs_embeds"] = inputs_embeds
             new = inputs_embeds.shape[1]
         else:
-            # after a prompt given as embeddings, `input_ids` holds only the generated tokens
-            total = input_ids.shape[1] + (inputs_embeds.shape[1] if inputs_embeds is not None else 0)
-            new = total - past
+            # with a prompt given as embeddings, generate says how many tokens are new (`input_ids` may or may not
+            # hold the prompt: transformers accepts `input_ids` and `inputs_embeds` together)
+            next_len = kwargs.get("next_sequence_length")
+            if inputs_embeds is not None and next_len is not None:
+                new = next_len
+            else:
+                total = input_ids.shape[1] + (inputs_embeds.shape[1] if inputs_embeds is not None else 0)
+                new = total - past
             inputs["input_ids"] = input_ids[:, input_ids.shape[1] - new:]
         if attention_mask is not None:
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
