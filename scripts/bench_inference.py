@@ -34,61 +34,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 
 import torch
 
-CONFIGS = {
-    # ~30M parameters: hidden 512, 8 layers, 16 experts top-4
-    "tiny": dict(
-        vocab_size=8192, hidden_size=512, hybrid_override_pattern="MEMEM*EM", num_attention_heads=8,
-        num_key_value_heads=2, head_dim=64, mamba_num_heads=16, mamba_head_dim=64, n_groups=4, ssm_state_size=64,
-        conv_kernel=4, chunk_size=128, n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=256,
-        moe_shared_expert_intermediate_size=1024, intermediate_size=1536, routed_scaling_factor=2.5,
-    ),
-    # ~300M parameters, Nano-like shape (Nano: hidden 2688, 128 experts top-6, shared expert 1.38 h,
-    # Mamba 64 heads x 64, state 128, 8 groups, GQA 32/2 x 128); fewer, narrower experts to fit 300M
-    "small": dict(
-        vocab_size=16384, hidden_size=1024, hybrid_override_pattern="MEMEM*EMEMEM*EME", num_attention_heads=16,
-        num_key_value_heads=2, head_dim=64, mamba_num_heads=32, mamba_head_dim=64, n_groups=8, ssm_state_size=128,
-        conv_kernel=4, chunk_size=128, n_routed_experts=32, num_experts_per_tok=6, moe_intermediate_size=384,
-        moe_shared_expert_intermediate_size=1408, intermediate_size=2816, routed_scaling_factor=2.5,
-    ),
-}
-COMMON = dict(initializer_range=0.02, pad_token_id=0, bos_token_id=1, eos_token_id=2, use_mamba_kernels=True)
-
-
-def build_pair(name: str, seed: int, dtype: torch.dtype, device: str):
-    """Our model and the native one with identical weights."""
-    from transformers import NemotronHForCausalLM
-
-    from transformers_nemotron3 import Nemotron3Config, Nemotron3ForCausalLM
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "modeling_tests"))
-    from tiny_configs import native_config
-
-    cfg = Nemotron3Config(**{**COMMON, **CONFIGS[name]})
-    torch.manual_seed(seed)
-    ours = Nemotron3ForCausalLM(cfg).to(device=device, dtype=dtype).eval()
-    ncfg = native_config(cfg)
-    native = NemotronHForCausalLM(ncfg).to(device=device, dtype=dtype).eval()
-    state = {k.replace("backbone.", "model.", 1): v for k, v in ours.state_dict().items()}
-    missing, unexpected = native.load_state_dict(state, strict=False)
-    missing = [k for k in missing if "rotary" not in k]
-    if missing or unexpected:
-        raise RuntimeError(f"weights do not map: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for m in (ours, native):  # greedy, fixed length, no early stop
-        m.generation_config.eos_token_id = None
-        m.generation_config.pad_token_id = 0
-    return ours, native
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+from bench_common import CONFIGS, build_pair, machine_info, pick_fastest_experts, sync
 
 
 @torch.inference_mode()
@@ -113,20 +64,12 @@ def time_generate(model, ids, new: int, device) -> float:
 def pick_native_experts(native, vocab: int, device: str) -> str:
     """The fastest experts implementation of the native model on a short prefill + decode."""
     ids = torch.randint(3, vocab, (1, 64), device=device)
-    best, best_t = "eager", float("inf")
-    for impl in ("eager", "grouped_mm", "batched_mm"):
-        try:
-            native.set_experts_implementation(impl)
-            time_generate(native, ids, 4, device)
-            t = min(time_prefill(native, ids, device) + time_generate(native, ids, 8, device) for _ in range(2))
-        except Exception as exc:  # noqa: BLE001 - an implementation may not exist on this device
-            print(f"  native experts {impl}: unavailable ({type(exc).__name__}: {exc})")
-            continue
-        print(f"  native experts {impl}: {t * 1e3:.0f} ms")
-        if t < best_t:
-            best, best_t = impl, t
-    native.set_experts_implementation(best)
-    return best
+
+    def measure(model) -> float:
+        time_generate(model, ids, 4, device)
+        return time_prefill(model, ids, device) + time_generate(model, ids, 8, device)
+
+    return pick_fastest_experts(native, measure)
 
 
 def peak_memory(model, task, device: str) -> float:
@@ -350,15 +293,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None, help="write all results as JSON here")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-               "cuda": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
-               "load_average_at_start": os.getloadavg()}  # other jobs on the machine disturb CPU timings
-    try:
-        import transformers
-
-        machine["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover
-        pass
+    machine = machine_info(args.device)
     all_results = []
     for name in args.config:
         args.config_name = name

@@ -79,6 +79,8 @@ class Nemotron3Block(_BlockBase):
         elif self.block_type == "full_attention":
             x, _ = self.mixer(x, cache=cache, mask=attn_mask, position_ids=position_ids,
                               padding_mask_2d=padding_mask_2d)
+        elif self.block_type == "moe" and padding_mask is not None:  # padding stays out of the router statistics
+            x = self.mixer(x, token_mask=padding_mask)
         else:
             x = self.mixer(x)
         return residual + x

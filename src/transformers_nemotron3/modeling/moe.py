@@ -8,6 +8,11 @@ Three seams let code outside the model change how the layer runs without touchin
   NVFP4 plugin swaps in a quantized version.
 - ``Nemotron3Router.expert_load``: per-expert token counts gathered during training, read by the
   aux-loss-free bias update (`Nemotron3ForCausalLM.update_expert_bias`).
+
+Padding tokens are routed like any other (their outputs are never used) but never counted: the model passes
+each MoE layer a ``token_mask`` (its padding mask, which context parallelism's right padding also sets), and
+``expert_load`` and the aux loss see only the real tokens, so a padded batch gives the statistics of the same
+rows unpadded.
 """
 
 from __future__ import annotations
@@ -181,8 +186,12 @@ class Nemotron3Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
         self.expert_load: torch.Tensor | None = None  # tokens per expert since the last bias update
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, hidden] -> (logits [T, E] fp32, scores [T, E], topk_weights [T, k] fp32, topk_idx [T, k])."""
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> (logits [T, E] fp32, scores [T, E], topk_weights [T, k] fp32, topk_idx [T, k]).
+
+        ``token_mask`` [T] (bool, True = real token) limits the training-time ``expert_load`` count to real
+        tokens; every token is routed either way."""
         logits = linear(x.float(), self.weight.float())
         if self.score_function == "sigmoid":
             scores = logits.sigmoid()
@@ -206,7 +215,8 @@ class Nemotron3Router(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * self.scaling
         if self.training:
-            load = torch.bincount(topk_idx.reshape(-1), minlength=self.num_experts).detach().float()
+            counted = topk_idx if token_mask is None else topk_idx[token_mask.reshape(-1).bool()]
+            load = torch.bincount(counted.reshape(-1), minlength=self.num_experts).detach().float()
             self.expert_load = load if self.expert_load is None else self.expert_load + load
         return logits, scores, weights, topk_idx
 
@@ -238,15 +248,27 @@ class Nemotron3GatedMLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-def load_balancing_loss(scores: torch.Tensor, topk_idx: torch.Tensor, batch: int, num_experts: int) -> torch.Tensor:
-    """Sequence-level balance loss: mean over sequences of ``E / (k L) * sum_i count_i * mean_t p_i``."""
+def load_balancing_loss(scores: torch.Tensor, topk_idx: torch.Tensor, batch: int, num_experts: int,
+                        token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Sequence-level balance loss: mean over sequences of ``E / (k L) * sum_i count_i * mean_t p_i``.
+
+    With ``token_mask`` ([batch, L] or [batch * L], True = real token) ``L``, the counts and the means run over
+    each row's real tokens only, and rows without any are left out of the mean (a padded row gives the value of
+    the row unpadded)."""
     k = topk_idx.shape[-1]
     probs = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
     probs = probs.view(batch, -1, num_experts)
-    length = probs.shape[1]
-    counts = F.one_hot(topk_idx.reshape(batch, -1), num_experts).sum(dim=1).float()  # [b, E]
-    f = counts * num_experts / (k * length)
-    return (f * probs.mean(dim=1)).sum(dim=-1).mean()
+    onehot = F.one_hot(topk_idx.reshape(batch, -1, k), num_experts).sum(dim=2).float()  # [b, L, E]
+    if token_mask is None:
+        f = onehot.sum(dim=1) * num_experts / (k * probs.shape[1])
+        return (f * probs.mean(dim=1)).sum(dim=-1).mean()
+    real = token_mask.reshape(batch, -1, 1).to(probs.dtype)
+    length = real.sum(dim=1)  # [b, 1]
+    rows = length[:, 0] > 0
+    length = length.clamp(min=1)
+    f = (onehot * real).sum(dim=1) * num_experts / (k * length)
+    per_row = (f * (probs * real).sum(dim=1) / length).sum(dim=-1)
+    return per_row[rows].mean() if bool(rows.any()) else per_row.sum() * 0
 
 
 class Nemotron3MoE(nn.Module):
@@ -284,13 +306,19 @@ class Nemotron3MoE(nn.Module):
     def dispatcher(self, value) -> None:
         self.experts.dispatcher = value
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``hidden_states`` [b, L, hidden] -> [b, L, hidden]. ``token_mask`` [b, L] (True = real token; the
+        model passes its padding mask) keeps padding out of the router's ``expert_load`` and the aux loss."""
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        logits, scores, weights, topk_idx = self.gate(x)
+        if token_mask is not None and bool(token_mask.all()):
+            token_mask = None
+        flat_mask = token_mask.reshape(-1) if token_mask is not None else None
+        logits, scores, weights, topk_idx = self.gate(x) if flat_mask is None else self.gate(x, flat_mask)
         self.last_router_logits = logits
         self.last_aux_loss = (
-            load_balancing_loss(scores, topk_idx, shape[0], self.num_experts) * self.config.moe_aux_loss_coef
+            load_balancing_loss(scores, topk_idx, shape[0], self.num_experts, flat_mask)
+            * self.config.moe_aux_loss_coef
             if self.training and self.config.moe_aux_loss_coef > 0 else None
         )
         routed_in = self.fc1_latent_proj(x) if self.fc1_latent_proj is not None else x

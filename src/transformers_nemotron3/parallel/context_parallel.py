@@ -196,7 +196,9 @@ def apply_context_parallel(model: nn.Module, cp_group) -> CPState:
 class ContextParallelLM(nn.Module):
     """Wraps a CP-applied `Nemotron3ForCausalLM`: takes the *full* batch (identical on the cp ranks),
     pads it on the right to a multiple of ``2*cp`` (exact for a causal model: padding only follows),
-    keeps this rank's zig-zag tokens and returns the loss of the whole sequence.
+    keeps this rank's zig-zag tokens and returns the loss of the whole sequence. The padding is passed to the
+    model as this rank's slice of an ``attention_mask``, so the MoE routers leave it out of ``expert_load`` and
+    the aux loss (the bias update then matches one process on the unpadded rows).
 
     The returned ``loss`` has the value of the global mean loss over the sequence tokens, and its
     gradient is ``cp`` times this rank's share, so that averaging gradients over all ranks (dp x cp)
@@ -226,7 +228,10 @@ class ContextParallelLM(nn.Module):
         if labels is not None:  # shift on the full sequence: token t predicts t+1
             labels = torch.cat([labels[:, 1:], labels.new_full((b, 1), -100)], dim=1)
         pad = (-length) % (2 * st.cp)
+        real = None  # which tokens are real: the model keeps the padding out of the MoE router statistics
         if pad:
+            real = torch.ones_like(input_ids, dtype=torch.bool)
+            real = F.pad(real, (0, pad), value=False)
             input_ids = F.pad(input_ids, (0, pad), value=self.pad_token_id)
             position_ids = torch.cat([position_ids, position_ids[:, -1:] + torch.arange(1, pad + 1)], dim=1)
             if seq_idx is not None:
@@ -236,6 +241,8 @@ class ContextParallelLM(nn.Module):
         st.set_length(length + pad, input_ids.device)
         st.seq_idx = seq_idx
         pos = st.local_positions
+        if real is not None:  # the swapped attention / Mamba forwards ignore it (padding only follows)
+            kwargs["attention_mask"] = real[:, pos]
         out = self.model(input_ids=input_ids[:, pos], position_ids=position_ids[:, pos], use_cache=False, **kwargs)
         if labels is None:
             return out
