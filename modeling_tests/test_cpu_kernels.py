@@ -54,19 +54,21 @@ def test_small_linear_bf16_equals_f_linear(kernels, rows, in_f, out_f, bias):
     torch.testing.assert_close(got, F.linear(x, w, b), atol=3e-2, rtol=1.6e-2)  # both round once to bf16
 
 
-def test_linear_module_uses_kernel_only_where_it_applies(kernels):
-    lin = fast_ops.Nemotron3Linear(32, 24)
+def test_linear_uses_kernel_only_where_it_applies(kernels):
+    lin = torch.nn.Linear(32, 24)
     x = torch.randn(3, 32)
     calls = kernels.calls
     calls.clear()
     with torch.no_grad():
-        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast_ops.linear(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias),
+                                   atol=1e-5, rtol=1e-5)
     assert calls == ["small_linear"]
-    out = lin(x)  # autograd on: PyTorch path, gradients flow
+    out = fast_ops.linear(x, lin.weight, lin.bias)  # autograd on: PyTorch path, gradients flow
     assert out.grad_fn is not None and calls == ["small_linear"]
     with torch.no_grad():
-        lin(torch.randn(fast_ops.MAX_ROWS + 1, 32))  # too many rows: MKL
-        lin.to(torch.float16)(torch.randn(2, 32, dtype=torch.float16))  # a dtype the kernel does not take
+        fast_ops.linear(torch.randn(fast_ops.MAX_ROWS + 1, 32), lin.weight, lin.bias)  # too many rows: MKL
+        half = lin.to(torch.float16)
+        fast_ops.linear(torch.randn(2, 32, dtype=torch.float16), half.weight, half.bias)  # a dtype the kernel skips
     assert calls == ["small_linear"]
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 ops = None  # torch.ops.nemotron3_cpu when enabled
 advise_weights = None  # with the kernels: called with the tensors a decode plan streams (cpu_kernels.hugepages)
@@ -36,13 +35,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and x.dtype == weight.dtype and plain(x, weight, dtypes=GEMM_DTYPES)):
         return ops.small_linear(x, weight, bias)
     return F.linear(x, weight, bias)
-
-
-class Nemotron3Linear(nn.Linear):
-    """``nn.Linear`` that runs few-row products through the CPU kernel when it is enabled."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
 
 
 def kernel_ops():
@@ -96,6 +88,6 @@ def fused_moe_relu2(experts, x: torch.Tensor, weights: torch.Tensor, topk_idx: t
 
 
 __all__ = [
-    "Nemotron3Linear", "linear", "plain", "kernel_ops", "fused_rms_norm", "fused_mamba_step", "fused_moe_relu2",
+    "linear", "plain", "kernel_ops", "fused_rms_norm", "fused_mamba_step", "fused_moe_relu2",
     "fused_moe_relu2_applies", "relu2_experts_fit", "ops", "MAX_ROWS", "MAX_MOE_TOKENS", "GEMM_DTYPES", "weights_streamed",
 ]

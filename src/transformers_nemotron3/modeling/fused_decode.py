@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fast_ops import GEMM_DTYPES, MAX_ROWS, Nemotron3Linear, kernel_ops, weights_streamed
+from .fast_ops import GEMM_DTYPES, MAX_ROWS, kernel_ops, weights_streamed
 
 
 def decode_ready(x: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -32,7 +32,7 @@ def decode_ready(x: torch.Tensor, dtype: torch.dtype) -> bool:
 def fits(dtype: torch.dtype, *linears: nn.Module) -> bool:
     """``linears`` are plain ``nn.Linear`` (not LoRA-wrapped, quantized or converted) with CPU weights of ``dtype``."""
     for m in linears:
-        if type(m) not in (nn.Linear, Nemotron3Linear) or type(m.weight) is not nn.Parameter or m.weight.dtype != dtype \
+        if type(m) is not nn.Linear or type(m.weight) is not nn.Parameter or m.weight.dtype != dtype \
                 or m.weight.device.type != "cpu":
             return False
     return True
