@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused_decode import attention_block, fits
-
 
 def rope_inv_freq(dim: int, theta: float, scaling: dict | None = None, seq_len: int | None = None,
                   max_position_embeddings: int | None = None, device=None) -> torch.Tensor:
@@ -147,30 +145,19 @@ class Nemotron3Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return q, k, v
 
-    def fused_decode_block(self, norm: nn.Module, cache, dtype: torch.dtype, mask: torch.Tensor | None):
-        """This block's part of a fused decode plan (`fused_decode.FusedBlock`, ``h + self(norm(h))`` in the
-        CPU kernels' decode step: plain sdpa attention, no mask, RoPE, q/k norm or dropout), or None."""
-        from .cache import AttentionLayer
-
-        state = cache.get(self.layer_idx) if cache is not None else None
-        impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
-        if (not isinstance(state, AttentionLayer) or state.key_buffer is None or mask is not None or impl != "sdpa"
-                or self.use_rope or self.use_qk_norm or self.training or state.key_buffer.dtype != dtype
-                or not fits(dtype, self.q_proj, self.k_proj, self.v_proj, self.o_proj)):
-            return None
-        return attention_block(norm, self, state)
-
     def forward(
         self,
         hidden_states: torch.Tensor,
         cache=None,
-        mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         padding_mask_2d: torch.Tensor | None = None,
-        output_attentions: bool = False,
+        **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns ``(output, attention probabilities or None)``; the probabilities come from the eager kernel
-        (``attn_implementation="eager"``), as in transformers' models."""
+        (``attn_implementation="eager"``), as in transformers' models. ``attn_mask`` is the model's boolean
+        [b, 1, q, kv] mask (None = plain causal); other keyword arguments go to an attention-interface kernel."""
+        mask = attn_mask
         b, length, _ = hidden_states.shape
         q, k, v = self.project_qkv(hidden_states, position_ids)
         if cache is not None:
@@ -192,7 +179,8 @@ class Nemotron3Attention(nn.Module):
             from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
             out, weights = ALL_ATTENTION_FUNCTIONS[impl](
-                self, q, k, v, padding_mask_2d, dropout=dropout, scaling=self.scaling, position_ids=position_ids
+                self, q, k, v, padding_mask_2d, dropout=dropout, scaling=self.scaling, position_ids=position_ids,
+                **{key: value for key, value in kwargs.items() if key not in ("padding_mask", "seq_idx")},
             )
             return self.o_proj(out.reshape(b, length, -1)), weights
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1)), weights

@@ -6,9 +6,8 @@ import torch
 from torch import nn
 
 from .attention import Nemotron3Attention
-from .fused_decode import decode_ready, fits, mlp_block
 from .mamba2 import Nemotron3Mamba2Mixer
-from .moe import Nemotron3MLP, Nemotron3MoE, _relu2
+from .moe import Nemotron3MLP, Nemotron3MoE
 from .norms import rms_norm
 
 try:  # transformers' checkpointing-aware layer base (present in all 5.x releases)
@@ -37,69 +36,36 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return (weight.float() * x).to(dtype)
 
 
+MIXER_TYPES: dict[str, type[nn.Module]] = {
+    "linear_attention": Nemotron3Mamba2Mixer,
+    "full_attention": Nemotron3Attention,
+    "moe": Nemotron3MoE,
+    "mlp": Nemotron3MLP,
+}
+"""Block kind (``config.layers_block_type``) -> mixer class, built as ``cls(config, layer_idx)`` and called as
+``mixer(normed_hidden, cache=cache, **layer_kwargs)`` (the model's per-forward arguments: ``attn_mask``,
+``padding_mask``, ``padding_mask_2d``, ``seq_idx``, ``position_ids`` and whatever else it was given; each mixer takes
+what it needs). A mixer returns the update, or a tuple whose first item is the update. Adding a block kind = one
+entry here + its mixer class (+ its name in the config's ``hybrid_override_pattern`` letters)."""
+
+
 class Nemotron3Block(_BlockBase):
-    """One layer: RMSNorm, then the mixer named by its pattern character, then the residual add."""
+    """One layer: RMSNorm, then the mixer its kind names in `MIXER_TYPES`, then the residual add."""
 
     def __init__(self, config, layer_idx: int, block_type: str) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.block_type = block_type
         self.norm = Nemotron3RMSNorm(config.hidden_size, config.layer_norm_epsilon)
-        if block_type == "linear_attention":
-            self.mixer = Nemotron3Mamba2Mixer(config, layer_idx)
-        elif block_type == "full_attention":
-            self.mixer = Nemotron3Attention(config, layer_idx)
-        elif block_type == "moe":
-            self.mixer = Nemotron3MoE(config, layer_idx)
-        elif block_type == "mlp":
-            self.mixer = Nemotron3MLP(config.hidden_size, config.intermediate_size, config.mlp_hidden_act,
-                                      config.mlp_bias)
-        else:  # the config validates block types; this is an invariant
+        if block_type not in MIXER_TYPES:  # the config validates block types; this is an invariant
             raise AssertionError(block_type)
+        self.mixer = MIXER_TYPES[block_type](config, layer_idx)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        cache=None,
-        attn_mask: torch.Tensor | None = None,
-        padding_mask: torch.Tensor | None = None,
-        padding_mask_2d: torch.Tensor | None = None,
-        seq_idx: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if padding_mask is None and hidden_states.dim() == 3 and decode_ready(hidden_states, hidden_states.dtype):
-            fused = self.fused_decode_block(cache, hidden_states.dtype, attn_mask)  # the block in one kernel call
-            out = fused(hidden_states) if fused is not None else None
-            if out is not None:
-                return out
-        residual = hidden_states
-        x = self.norm(hidden_states)
-        if self.block_type == "linear_attention":
-            x = self.mixer(x, cache=cache, padding_mask=padding_mask, seq_idx=seq_idx)
-        elif self.block_type == "full_attention":
-            x, _ = self.mixer(x, cache=cache, mask=attn_mask, position_ids=position_ids,
-                              padding_mask_2d=padding_mask_2d)
-        elif self.block_type == "moe" and padding_mask is not None:  # padding stays out of the router statistics
-            x = self.mixer(x, token_mask=padding_mask)
-        else:
-            x = self.mixer(x)
-        return residual + x
-
-    def fused_decode_block(self, cache, dtype: torch.dtype, attn_mask: torch.Tensor | None = None):
-        """This block as a `fused_decode.FusedBlock` (callable as ``h -> self(h)`` in one kernel call, and the
-        unit a `DecodePlan` is built from), or None where the kernels do not cover it."""
-        if type(self.norm) is not Nemotron3RMSNorm:
-            return None
-        if self.block_type == "linear_attention":
-            return self.mixer.fused_decode_block(self.norm, cache, dtype)
-        if self.block_type == "full_attention":
-            return self.mixer.fused_decode_block(self.norm, cache, dtype, attn_mask)
-        if self.block_type == "moe":
-            return self.mixer.fused_decode_block(self.norm, dtype)
-        mlp = self.mixer
-        if type(mlp) is Nemotron3MLP and mlp.act is _relu2 and fits(dtype, mlp.up_proj, mlp.down_proj):
-            return mlp_block(self.norm, mlp)
-        return None
+    def forward(self, hidden_states: torch.Tensor, cache=None, **layer_kwargs) -> torch.Tensor:
+        out = self.mixer(self.norm(hidden_states), cache=cache, **layer_kwargs)
+        if isinstance(out, tuple):  # attention returns (output, weights); the weights are recorded by the model
+            out = out[0]
+        return hidden_states + out
 
 
-__all__ = ["Nemotron3Block", "Nemotron3RMSNorm", "rms_norm_reference"]
+__all__ = ["MIXER_TYPES", "Nemotron3Block", "Nemotron3RMSNorm", "rms_norm_reference"]

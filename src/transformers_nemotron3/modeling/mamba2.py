@@ -1,25 +1,27 @@
 """The Mamba-2 mixer of Nemotron 3 (`M` layers).
 
-in_proj -> split z | xBC | dt -> depthwise causal conv + SiLU on xBC -> split x | B | C ->
-SSD scan (chunked for prefill, one step for decode) -> gated grouped RMSNorm with z -> out_proj.
+``in_proj`` -> split z | xBC | dt -> **sequence_mixer** (depthwise causal conv + SiLU on xBC, split x | B | C,
+SSD scan: chunked for whole sequences, one step per token for decode) -> gated grouped RMSNorm with z -> ``out_proj``.
 
-Fast kernels (mamba_ssm, causal_conv1d) are used when importable and the tensors are on CUDA;
-everything else runs the plain PyTorch path in `ssd.py`, which is what the CPU tests check.
+The ``sequence_mixer`` is the seam between the token-wise projections and the part that mixes along the
+sequence: `Mamba2SequenceMixer` by default (the cache logic), context parallelism swaps in its own (an
+all-to-all to heads, the same `conv_scan`, an all-to-all back). Kernel choice happens inside `conv_scan` /
+`conv_scan_step`, so every caller gets the fastest path available: mamba_ssm / causal_conv1d when importable and
+the tensors are on CUDA, else the plain PyTorch path in `ssd.py` (what the CPU tests check).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fast_ops import fused_mamba_step
-from .fused_decode import fits, mamba_block
 from .norms import rms_norm
 from .ssd import ssd_chunked, ssd_step
-from .cache import Nemotron3HybridCache, mamba_layer
+from .cache import mamba_layer
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ except Exception:  # noqa: BLE001
 _warned_fallback = False
 
 
-def use_kernels(tensor: torch.Tensor, enabled: bool) -> bool:
+def use_kernels_for(tensor: torch.Tensor, enabled: bool) -> bool:
     """True when the mamba_ssm kernels can run on this tensor; warns once when CUDA runs without them."""
     global _warned_fallback
     if not enabled or tensor.device.type != "cuda":
@@ -158,8 +160,176 @@ def causal_conv_last(
     return out, hist.transpose(1, 2)
 
 
+def mamba2_dt(dt: torch.Tensor, dt_bias: torch.Tensor, time_step_limit: tuple[float, float]) -> torch.Tensor:
+    """Time steps: ``softplus(dt + dt_bias)`` in float32, clamped to ``time_step_limit`` when it is set."""
+    dt = F.softplus(dt.float() + dt_bias.float())
+    lo, hi = time_step_limit
+    if lo > 0.0 or hi != float("inf"):
+        dt = dt.clamp(lo, hi)
+    return dt
+
+
+@dataclass
+class Mamba2Weights:
+    """The per-channel parameters of the conv + scan, for all heads (one process) or a slice of them (context
+    parallelism hands each rank its heads' slice): ``conv_weight`` [channels, k], ``conv_bias`` [channels],
+    ``dt_bias`` / ``A`` (= -exp(A_log), float32) / ``D`` [heads], with ``n_groups`` B/C groups."""
+
+    conv_weight: torch.Tensor
+    conv_bias: torch.Tensor | None
+    dt_bias: torch.Tensor
+    A: torch.Tensor
+    D: torch.Tensor
+    n_groups: int
+
+    @classmethod
+    def of(cls, mixer: "Nemotron3Mamba2Mixer") -> "Mamba2Weights":
+        return cls(mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, mixer.dt_bias, -torch.exp(mixer.A_log.float()),
+                   mixer.D, mixer.n_groups)
+
+
+def conv_scan(
+    xbc: torch.Tensor, dt: torch.Tensor, w: Mamba2Weights, *, head_dim: int, state_size: int, chunk_size: int,
+    time_step_limit: tuple[float, float], use_kernels: bool = True, prefix: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
+    padding_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal conv + SiLU + chunked SSD scan over whole sequences; the kernel is chosen here.
+
+    ``xbc`` [b, l, channels] (x for every head, then B and C for every group), ``dt`` [b, l, heads] (raw, before
+    softplus). ``prefix`` [b, channels, k-1] and ``initial_state`` [b, heads, head_dim, state] continue an earlier
+    call; ``seq_idx`` [b, l] keeps packed sequences apart; ``padding_mask`` [b, l] zeroes padding after the conv.
+    Returns ``(y [b, l, heads * head_dim], final SSM state, last k conv inputs [b, channels, k])``.
+
+    mamba_ssm / causal_conv1d run where installed and the tensors are on CUDA; otherwise the PyTorch paths
+    (`causal_conv_last`, `ssd.ssd_chunked`) run. Every caller (the mixer, context parallelism) comes through here.
+    """
+    b, length, _ = xbc.shape
+    k = w.conv_weight.shape[-1]
+    fast = use_kernels_for(xbc, use_kernels)
+    if fast and _kernel_conv1d is not None and prefix is None:
+        xbc_t = xbc.transpose(1, 2)
+        conv = _kernel_conv1d(xbc_t.contiguous(), w.conv_weight, w.conv_bias,
+                              seq_idx=seq_idx.int() if seq_idx is not None else None, activation=None)
+        conv = conv.transpose(1, 2)
+        hist = F.pad(xbc_t, (max(0, k - length), 0))[..., -k:]
+    else:
+        conv, hist = causal_conv_last(xbc, w.conv_weight, w.conv_bias, prefix, seq_idx)
+    xbc = F.silu(conv)
+    if padding_mask is not None:
+        xbc = xbc * padding_mask[..., None].to(xbc.dtype)
+    heads = w.A.shape[0]
+    gn = w.n_groups * state_size
+    x, B, C = xbc.split([xbc.shape[-1] - 2 * gn, gn, gn], dim=-1)
+    x = x.reshape(b, length, heads, head_dim)
+    B = B.reshape(b, length, w.n_groups, state_size)
+    C = C.reshape(b, length, w.n_groups, state_size)
+    if fast:
+        y, final = _kernel_chunk_scan(
+            x, dt, w.A, B, C, chunk_size, D=w.D.float(), dt_bias=w.dt_bias.float(), dt_softplus=True,
+            dt_limit=time_step_limit, initial_states=initial_state,
+            seq_idx=seq_idx.int() if seq_idx is not None else None, return_final_states=True,
+        )
+    else:
+        chunk = chunk_size if x.is_cuda else min(chunk_size, CPU_SSD_CHUNK)
+        y, final = ssd_chunked(x, mamba2_dt(dt, w.dt_bias, time_step_limit), w.A, B, C, chunk, D=w.D,
+                               initial_state=initial_state, seq_idx=seq_idx)
+    return y.reshape(b, length, heads * head_dim), final, hist
+
+
+def conv_scan_step(xbc: torch.Tensor, dt: torch.Tensor, w: Mamba2Weights, state, *, head_dim: int, state_size: int,
+                   time_step_limit: tuple[float, float], use_kernels: bool = True) -> torch.Tensor:
+    """One decode step of `conv_scan`: ``xbc`` [b, 1, channels], ``dt`` [b, 1, heads] -> y [b, 1, heads * head_dim];
+    ``state.conv`` [b, channels, k] and ``state.ssm`` [b, heads, head_dim, state_size] are updated in place."""
+    b = xbc.shape[0]
+    conv_state = state.conv  # shift left by one, append the new input
+    window = torch.cat([conv_state[..., 1:], xbc.transpose(1, 2).to(conv_state.dtype)], dim=-1)
+    conv_state.copy_(window)
+    conv = torch.linalg.vecdot(window.to(w.conv_weight.dtype), w.conv_weight)
+    if w.conv_bias is not None:
+        conv = conv + w.conv_bias
+    xbc = F.silu(conv)
+    heads, gn = w.A.shape[0], w.n_groups * state_size
+    x, B, C = xbc.split([xbc.shape[-1] - 2 * gn, gn, gn], dim=-1)
+    x = x.reshape(b, heads, head_dim)
+    B = B.reshape(b, w.n_groups, state_size)
+    C = C.reshape(b, w.n_groups, state_size)
+    if use_kernels_for(x, use_kernels) and state.ssm.dtype == torch.float32:
+        h, p, n = heads, head_dim, state_size
+        y = _kernel_state_update(
+            state.ssm, x, dt[:, 0, :, None].expand(b, h, p), w.A[:, None, None].expand(h, p, n), B, C,
+            w.D[:, None].expand(h, p), dt_bias=w.dt_bias[:, None].expand(h, p), dt_softplus=True,
+        )
+    else:
+        y = ssd_step(state.ssm, x, mamba2_dt(dt[:, 0], w.dt_bias, time_step_limit), w.A, B, C, w.D)
+    return y.reshape(b, 1, heads * head_dim)
+
+
+class Mamba2SequenceMixer:
+    """The default ``sequence_mixer`` seam of the Mamba-2 mixer: causal conv + SiLU + SSD scan, with the cache.
+
+    Called as ``seam(mixer, xbc, dt, state, padding_mask=, seq_idx=, **kwargs) -> y [b, l, intermediate]`` between
+    ``in_proj`` and the gated norm; ``state`` is the layer's `cache.MambaLayer` or None (training). It decides
+    prefill vs. decode steps and which tokens' states to record for rollback; `conv_scan` / `conv_scan_step` pick
+    the kernels. Context parallelism replaces this object (not the mixer's forward) with its own.
+    """
+
+    def __call__(self, mixer: "Nemotron3Mamba2Mixer", xbc: torch.Tensor, dt: torch.Tensor, state,
+                 padding_mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None, **kwargs
+                 ) -> torch.Tensor:
+        length = xbc.shape[1]
+        w = Mamba2Weights.of(mixer)
+        if state is not None and state.history is not None and length > 1 and not state.has_previous:
+            # recording from the first forward (assisted decoding): scan the prompt, then step through the tokens
+            # that may be rolled back, so each has its recorded state
+            keep = state.recurrent_states_to_keep  # how many tokens may be undone (unknown: every one but the first)
+            steps = min(length - 1, keep) if keep else length - 1
+            head = self.prefill(mixer, w, xbc[:, : length - steps], dt[:, : length - steps], state,
+                                padding_mask[:, : length - steps] if padding_mask is not None else None,
+                                seq_idx[:, : length - steps] if seq_idx is not None else None)
+            return torch.cat([head, self.steps(mixer, w, xbc[:, length - steps :], dt[:, length - steps :], state)],
+                             dim=1)
+        if state is not None and state.has_previous and (length == 1 or state.history is not None):
+            return self.steps(mixer, w, xbc, dt, state)
+        return self.prefill(mixer, w, xbc, dt, state, padding_mask, seq_idx)
+
+    @staticmethod
+    def prefill(mixer, w: Mamba2Weights, xbc, dt, state, padding_mask, seq_idx) -> torch.Tensor:
+        """A whole sequence (training, prefill, or a continuation of a cached one)."""
+        cont = state is not None and state.has_previous
+        y, final, hist = conv_scan(
+            xbc, dt, w, head_dim=mixer.head_dim, state_size=mixer.state_size, chunk_size=mixer.chunk_size,
+            time_step_limit=mixer.time_step_limit, use_kernels=mixer.use_kernels,
+            prefix=state.conv[..., 1:].clone() if cont else None, initial_state=state.ssm if cont else None,
+            seq_idx=seq_idx, padding_mask=padding_mask)
+        if state is not None:  # keep the last k inputs and the final state for the next step
+            state.conv.copy_(hist)
+            state.ssm.copy_(final.to(state.ssm.dtype))
+            state.has_previous = True
+            state.seen += xbc.shape[1]
+        return y
+
+    @staticmethod
+    def steps(mixer, w: Mamba2Weights, xbc, dt, state) -> torch.Tensor:
+        """Decode steps, one token at a time; while recording (speculative verification of several tokens) the
+        state after each token is kept for rollback."""
+        ys = []
+        for t in range(xbc.shape[1]):
+            ys.append(conv_scan_step(xbc[:, t : t + 1], dt[:, t : t + 1], w, state, head_dim=mixer.head_dim,
+                                     state_size=mixer.state_size, time_step_limit=mixer.time_step_limit,
+                                     use_kernels=mixer.use_kernels))
+            state.seen += 1
+            if state.history is not None:
+                state.record()
+        return torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]
+
+
 class Nemotron3Mamba2Mixer(nn.Module):
-    """Mamba-2 mixer with grouped B/C, gated grouped RMSNorm and a fp32 SSM state."""
+    """Mamba-2 mixer with grouped B/C, gated grouped RMSNorm and a fp32 SSM state:
+    ``in_proj -> sequence_mixer (conv + scan) -> gated norm -> out_proj``.
+
+    ``sequence_mixer`` is a seam (a plain attribute, no parameters): `Mamba2SequenceMixer` by default; context
+    parallelism swaps in its own. Parameters stay on this module under the official names."""
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
@@ -184,13 +354,7 @@ class Nemotron3Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.ones(self.num_heads))
         self.norm = GatedRMSNorm(self.intermediate_size, self.n_groups, config.layer_norm_epsilon)
         self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.use_bias)
-
-    def _dt(self, dt: torch.Tensor) -> torch.Tensor:
-        dt = F.softplus(dt.float() + self.dt_bias.float())
-        lo, hi = self.time_step_limit
-        if lo > 0.0 or hi != float("inf"):
-            dt = dt.clamp(lo, hi)
-        return dt
+        self.sequence_mixer = Mamba2SequenceMixer()
 
     def forward(
         self,
@@ -198,131 +362,21 @@ class Nemotron3Mamba2Mixer(nn.Module):
         cache=None,
         padding_mask: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
+        **kwargs,
     ) -> torch.Tensor:
-        """hidden_states [b, l, d]; padding_mask [b, l] bool (True = real token); cache: a transformers `Cache`."""
-        b, length, _ = hidden_states.shape
+        """hidden_states [b, l, d]; padding_mask [b, l] bool (True = real token); cache: a transformers `Cache`.
+        Other keyword arguments (the model's per-forward arguments) are handed to the ``sequence_mixer``."""
+        b = hidden_states.shape[0]
         dtype = hidden_states.dtype
         if padding_mask is not None:
             hidden_states = hidden_states * padding_mask[..., None].to(dtype)
-        zxbcdt = self.in_proj(hidden_states)
-        A = -torch.exp(self.A_log.float())
+        z, xbc, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         state = mamba_layer(cache, self.layer_idx, self.config, b, dtype, hidden_states.device)
-
-        if state is not None and state.history is not None and length > 1 and not state.has_previous:
-            # recording from the first forward (assisted decoding): scan the prompt, then step through the tokens
-            # that may be rolled back, so each has its recorded state
-            keep = state.recurrent_states_to_keep  # how many tokens may be undone (unknown: every one but the first)
-            steps = min(length - 1, keep) if keep else length - 1
-            head = self._prefill(zxbcdt[:, : length - steps], A, state, dtype,
-                                 padding_mask[:, : length - steps] if padding_mask is not None else None,
-                                 seq_idx[:, : length - steps] if seq_idx is not None else None)
-            return torch.cat([head, self._steps(zxbcdt[:, length - steps :], A, state, dtype)], dim=1)
-        if state is not None and state.has_previous and (length == 1 or state.history is not None):
-            return self._steps(zxbcdt, A, state, dtype)
-        return self._prefill(zxbcdt, A, state, dtype, padding_mask, seq_idx)
-
-    def _steps(self, zxbcdt: torch.Tensor, A: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
-        """Decode steps, one token at a time; while recording (speculative verification of several tokens)
-        the state after each token is kept for rollback."""
-        length = zxbcdt.shape[1]
-        ys = []
-        for t in range(length):
-            ys.append(self._decode_normed(zxbcdt[:, t : t + 1], A, state, dtype))
-            state.seen += 1
-            if state.history is not None:
-                state.record()
-        return self.out_proj(torch.cat(ys, dim=1) if length > 1 else ys[0])
-
-    def _prefill(self, zxbcdt, A, state, dtype, padding_mask, seq_idx) -> torch.Tensor:
-        z, xbc, dt = zxbcdt.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
-        y = self._scan(z, xbc, dt, A, state, padding_mask, seq_idx)
-        if state is not None:
-            state.seen += zxbcdt.shape[1]
+        y = self.sequence_mixer(self, xbc, dt, state, padding_mask=padding_mask, seq_idx=seq_idx, **kwargs)
         return self.out_proj(self.norm(y, z, dtype))
 
-    # ------------------------------------------------------------------ prefill / training
-    def _scan(self, z, xbc, dt, A, state, padding_mask, seq_idx) -> torch.Tensor:
-        b, length, _ = xbc.shape
-        prefix = state.conv[..., 1:].clone() if (state is not None and state.has_previous) else None
-        initial = state.ssm if (state is not None and state.has_previous) else None
-        fast = use_kernels(xbc, self.use_kernels)
-        if fast and _kernel_conv1d is not None and prefix is None:
-            xbc_t = xbc.transpose(1, 2)
-            conv = _kernel_conv1d(xbc_t.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                  seq_idx=seq_idx.int() if seq_idx is not None else None, activation=None)
-            conv = conv.transpose(1, 2)
-            hist = F.pad(xbc_t, (max(0, self.conv_kernel - length), 0))[..., -self.conv_kernel :]
-        else:
-            conv, hist = causal_conv_last(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, prefix, seq_idx)
-        if state is not None:  # keep the last k inputs for the next step
-            state.conv.copy_(hist)
-        xbc = F.silu(conv)
-        if padding_mask is not None:
-            xbc = xbc * padding_mask[..., None].to(xbc.dtype)
-        x, B, C = xbc.split([self.intermediate_size, self.n_groups * self.state_size,
-                             self.n_groups * self.state_size], dim=-1)
-        x = x.reshape(b, length, self.num_heads, self.head_dim)
-        B = B.reshape(b, length, self.n_groups, self.state_size)
-        C = C.reshape(b, length, self.n_groups, self.state_size)
-        if fast:
-            y, final = _kernel_chunk_scan(
-                x, dt, A, B, C, self.chunk_size, D=self.D.float(), dt_bias=self.dt_bias.float(), dt_softplus=True,
-                dt_limit=self.time_step_limit, initial_states=initial,
-                seq_idx=seq_idx.int() if seq_idx is not None else None, return_final_states=True,
-            )
-        else:
-            chunk = self.chunk_size if x.is_cuda else min(self.chunk_size, CPU_SSD_CHUNK)
-            y, final = ssd_chunked(x, self._dt(dt), A, B, C, chunk, D=self.D, initial_state=initial,
-                                   seq_idx=seq_idx)
-        if state is not None:
-            state.ssm.copy_(final.to(state.ssm.dtype))
-            state.has_previous = True
-        return y.reshape(b, length, self.intermediate_size)
 
-    # ------------------------------------------------------------------ decode
-    def fused_decode_block(self, norm: nn.Module, cache, dtype: torch.dtype):
-        """This block's part of a fused decode plan (`fused_decode.FusedBlock`, ``h + self(norm(h))`` in the
-        CPU kernels' decode step), or None where that does not apply (no cached state yet, other dtypes,
-        replaced projections)."""
-        state = cache.get(self.layer_idx) if isinstance(cache, Nemotron3HybridCache) else None
-        if (state is None or not state.has_previous or state.conv.dtype != dtype
-                or state.ssm.dtype != torch.float32 or not fits(dtype, self.in_proj, self.out_proj)):
-            return None
-        return mamba_block(norm, self, state)
-
-    def _decode_normed(self, zxbcdt, A, state, dtype) -> torch.Tensor:
-        """One token [b, 1, proj] -> the gated, normed input of ``out_proj``: the fused CPU kernel where it
-        applies (enabled, no autograd, CPU), else `_decode_step` and the gated norm."""
-        fused = fused_mamba_step(self, zxbcdt, A, state)
-        if fused is not None:
-            return fused.view(zxbcdt.shape[0], 1, -1).to(dtype)
-        z, xbc, dt = zxbcdt.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
-        return self.norm(self._decode_step(z, xbc, dt, A, state), z, dtype)
-
-    def _decode_step(self, z, xbc, dt, A, state) -> torch.Tensor:
-        b = xbc.shape[0]
-        conv_state = state.conv  # [b, channels, k]: shift left by one, append the new input
-        window = torch.cat([conv_state[..., 1:], xbc.transpose(1, 2).to(conv_state.dtype)], dim=-1)
-        conv_state.copy_(window)
-        w = self.conv1d.weight.squeeze(1)
-        conv = torch.linalg.vecdot(window.to(w.dtype), w)
-        if self.conv1d.bias is not None:
-            conv = conv + self.conv1d.bias
-        xbc = F.silu(conv)
-        x, B, C = xbc.split([self.intermediate_size, self.n_groups * self.state_size,
-                             self.n_groups * self.state_size], dim=-1)
-        x = x.reshape(b, self.num_heads, self.head_dim)
-        B = B.reshape(b, self.n_groups, self.state_size)
-        C = C.reshape(b, self.n_groups, self.state_size)
-        if use_kernels(x, self.use_kernels) and state.ssm.dtype == torch.float32:
-            h, p, n = self.num_heads, self.head_dim, self.state_size
-            y = _kernel_state_update(
-                state.ssm, x, dt[:, 0, :, None].expand(b, h, p), A[:, None, None].expand(h, p, n), B, C,
-                self.D[:, None].expand(h, p), dt_bias=self.dt_bias[:, None].expand(h, p), dt_softplus=True,
-            )
-        else:
-            y = ssd_step(state.ssm, x, self._dt(dt[:, 0]), A, B, C, self.D)
-        return y.reshape(b, 1, self.intermediate_size)
-
-
-__all__ = ["Nemotron3Mamba2Mixer", "GatedRMSNorm", "causal_conv", "causal_conv_last", "gated_rms_norm_reference"]
+__all__ = [
+    "Nemotron3Mamba2Mixer", "Mamba2SequenceMixer", "Mamba2Weights", "conv_scan", "conv_scan_step", "mamba2_dt",
+    "GatedRMSNorm", "causal_conv", "causal_conv_last", "gated_rms_norm_reference",
+]

@@ -356,9 +356,11 @@ class Nemotron3Model(Nemotron3PreTrainedModel):
         check_cache(cache)
         past = seq_length(cache)
         args = self.mask_args(inputs_embeds, attention_mask, position_ids, past, seq_idx)
+        # other keyword arguments reach every mixer (e.g. context parallelism's `context_parallel` for its kernels)
+        layer_kwargs = {k: v for k, v in kwargs.items() if not k.startswith("output_") and k != "return_dict"}
         hidden = inputs_embeds
         for layer in self.layers:
-            hidden = layer(hidden, cache=cache, **args)
+            hidden = layer(hidden, cache=cache, **args, **layer_kwargs)
         hidden = self.norm_f(hidden)
         return self._output(hidden, cache if use_cache else None)
 

@@ -222,29 +222,36 @@ class Nemotron3Router(nn.Module):
 
 
 class Nemotron3MLP(nn.Module):
-    """Dense non-gated MLP ``down(act(up x))`` (used for `-` layers and the shared expert)."""
+    """Dense non-gated MLP ``down(act(up x))``: the mixer of `-` layers (built from the config as
+    ``Nemotron3MLP(config, layer_idx)``) and the shared expert (``intermediate_size`` / ``hidden_act`` given)."""
 
-    def __init__(self, hidden: int, intermediate: int, act: str, bias: bool) -> None:
+    def __init__(self, config, layer_idx: int | None = None, intermediate_size: int | None = None,
+                 hidden_act: str | None = None) -> None:
         super().__init__()
+        hidden, bias = config.hidden_size, config.mlp_bias
+        intermediate = intermediate_size or config.intermediate_size
         self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
-        self.act = activation(act)
+        self.act = activation(hidden_act or config.mlp_hidden_act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, **_) -> torch.Tensor:
         return self.down_proj(self.act(self.up_proj(x)))
 
 
 class Nemotron3GatedMLP(nn.Module):
     """SwiGLU-style MLP ``down(act(gate x) * up x)`` (shared expert of upcycled Llama-family models)."""
 
-    def __init__(self, hidden: int, intermediate: int, act: str, bias: bool) -> None:
+    def __init__(self, config, layer_idx: int | None = None, intermediate_size: int | None = None,
+                 hidden_act: str | None = None) -> None:
         super().__init__()
+        hidden, bias = config.hidden_size, config.mlp_bias
+        intermediate = intermediate_size or config.intermediate_size
         self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
-        self.act = activation(act)
+        self.act = activation(hidden_act or config.moe_expert_act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, **_) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -285,7 +292,7 @@ class Nemotron3MoE(nn.Module):
         shared_cls = Nemotron3GatedMLP if config.moe_gated_experts else Nemotron3MLP
         shared_act = config.moe_expert_act if config.moe_gated_experts else config.mlp_hidden_act
         self.shared_experts = (
-            shared_cls(hidden, config.moe_shared_expert_intermediate_size, shared_act, config.mlp_bias)
+            shared_cls(config, intermediate_size=config.moe_shared_expert_intermediate_size, hidden_act=shared_act)
             if config.n_shared_experts and config.moe_shared_expert_intermediate_size else None
         )
         if latent is not None:
@@ -306,9 +313,11 @@ class Nemotron3MoE(nn.Module):
     def dispatcher(self, value) -> None:
         self.experts.dispatcher = value
 
-    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``hidden_states`` [b, L, hidden] -> [b, L, hidden]. ``token_mask`` [b, L] (True = real token; the
-        model passes its padding mask) keeps padding out of the router's ``expert_load`` and the aux loss."""
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None,
+                padding_mask: torch.Tensor | None = None, **_) -> torch.Tensor:
+        """``hidden_states`` [b, L, hidden] -> [b, L, hidden]. ``token_mask`` [b, L] (True = real token; in the
+        model it is the block's ``padding_mask``) keeps padding out of the router's ``expert_load`` and the aux loss."""
+        token_mask = token_mask if token_mask is not None else padding_mask
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         if token_mask is not None and bool(token_mask.all()):

@@ -1,28 +1,30 @@
 """Context parallelism for Nemotron 3: zig-zag sequence split, attention with all-gathered K/V, and
-head-parallel Mamba (Megatron's ``MambaContextParallel`` scheme), applied from outside the model.
+head-parallel Mamba (Megatron's ``MambaContextParallel`` scheme), plugged into the model's seams from outside.
 
 Layout: the (padded) sequence is cut into ``2*cp`` chunks; cp rank ``i`` holds chunks ``i`` and
 ``2*cp-1-i`` so that every rank has the same causal-attention work. Everything that acts per token
-(embeddings, norms, MLP, MoE, lm_head) runs unchanged on the local tokens.
+(embeddings, norms, projections, MLP, MoE, lm_head) runs unchanged on the local tokens.
 
-- Attention (`*`): q stays local; k and v are all-gathered over the cp group (autograd: the backward
-  reduce-scatters their gradients) and the causal / packed-sequence mask is built from the *global*
-  positions of the local queries and of the gathered keys, so the gathered keys need no reordering.
-- Mamba (`M`): after ``in_proj`` one all-to-all turns ``[b, L/cp, channels]`` into
-  ``[b, L, channels/cp]``: each rank gets the whole sequence, in original order, for ``heads/cp``
-  heads and ``n_groups/cp`` B/C groups (plus their conv channels and dt). The causal conv and the
-  chunked SSD scan then run exactly as on one device, with the conv weight, ``dt_bias``, ``A_log``
-  and ``D`` sliced (gradients flow into the full parameters). A second all-to-all brings ``y`` back to
-  the local tokens, where the gated RMSNorm (with the local ``z``) and ``out_proj`` run.
+- Attention (`*`): an attention kernel registered in transformers' ``AttentionInterface`` under
+  ``"nemotron3_context_parallel"`` and selected with ``set_attn_implementation``; the attention module
+  still projects q/k/v and applies RoPE at the tokens' global positions. q stays local; k and v are
+  all-gathered over the cp group (autograd: the backward reduce-scatters their gradients) and the causal /
+  packed-sequence mask is built from the *global* positions of the local queries and the gathered keys.
+- Mamba (`M`): `ContextParallelMamba` replaces only the mixer's ``sequence_mixer`` seam (``in_proj``, the
+  gated norm and ``out_proj`` run unchanged on the local tokens). One all-to-all turns ``[b, L/cp,
+  channels]`` into ``[b, L, channels/cp]``: each rank gets the whole sequence, in original order, for
+  ``heads/cp`` heads and ``n_groups/cp`` B/C groups (plus their conv channels and dt); then the same
+  `mamba2.conv_scan` as on one device runs (so mamba_ssm / causal_conv1d on CUDA) with the conv weight,
+  ``dt_bias``, ``A_log`` and ``D`` sliced (gradients flow into the full parameters); a second all-to-all
+  brings ``y`` back to the local tokens.
 
-The swapped forwards are bound to the existing module instances (``types.MethodType``); parameters
-and state-dict keys are untouched. A `CPState` shared by all swapped layers carries the positions and
-packed-sequence ids of the current step; `ContextParallelLM.forward` sets it.
+Both kernels read the step's `CPState` (positions, packed-sequence ids) from the ``context_parallel`` keyword
+argument that `ContextParallelLM` passes to the model, which hands its extra keyword arguments to every mixer.
+Parameters and state-dict keys are untouched; the loss is the model's own, from ``shift_labels``.
 """
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +32,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling.attention import Nemotron3Attention, apply_rotary, rotary_cos_sin
-from ..modeling.mamba2 import Nemotron3Mamba2Mixer, causal_conv
+from ..modeling.mamba2 import Mamba2Weights, Nemotron3Mamba2Mixer, conv_scan
 from ..modeling.modeling_nemotron3 import seq_idx_from_position_ids
-from ..modeling.ssd import ssd_chunked
 from .dispatcher import all_to_all_v
+
+ATTENTION_NAME = "nemotron3_context_parallel"
 
 
 def zigzag_positions(length: int, cp: int, rank: int, device=None) -> torch.Tensor:
@@ -88,31 +90,29 @@ class _GatherAlongDim(torch.autograd.Function):
         return recv.sum(0), None, None
 
 
-def _cp_attention_forward(self: Nemotron3Attention, hidden_states, cache=None, mask=None, position_ids=None,
-                          padding_mask_2d=None, output_attentions=False):
-    st: CPState = self._cp_state
-    if cache is not None:
-        raise ValueError("context parallelism is for training/prefill without a cache; pass use_cache=False.")
-    b, length, _ = hidden_states.shape
-    if hasattr(self, "project_qkv"):  # the model's own seam: projections, optional q/k norm, RoPE (global positions)
-        q, k, v = self.project_qkv(hidden_states, position_ids)
-    else:  # older model code without the seam
-        q = self.q_proj(hidden_states).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.use_rope:
-            cos, sin = rotary_cos_sin(position_ids, self.rotary_dim, self.config.rope_theta, q.dtype)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    k = _GatherAlongDim.apply(k, 2, st.group)
-    v = _GatherAlongDim.apply(v, 2, st.group)
+def _state(kwargs: dict) -> "CPState":
+    st = kwargs.get("context_parallel")
+    if st is None:
+        raise ValueError("this model is context-parallel (apply_context_parallel); call it through "
+                         "`ContextParallelLM`, which passes each step's `context_parallel` state.")
+    return st
+
+
+def context_parallel_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               attention_mask=None, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """Attention kernel (transformers' attention-interface signature) over the cp group: q [b, h, L/cp, d] local,
+    k / v all-gathered to [b, kv_h, L, d]; mask from global positions and packed-sequence ids. Returns
+    ``(out [b, L/cp, h, d], None)``."""
+    st = _state(kwargs)
+    key = _GatherAlongDim.apply(key, 2, st.group)
+    value = _GatherAlongDim.apply(value, 2, st.group)
     qpos, kpos = st.local_positions, st.gathered_positions
     allowed = (kpos[None, :] <= qpos[:, None])[None]
     if st.seq_idx is not None:
         allowed = allowed & (st.seq_idx[:, qpos][:, :, None] == st.seq_idx[:, kpos][:, None, :])
-    dropout = self.config.attention_dropout if self.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], dropout_p=dropout, scale=self.scaling,
-                                         enable_gqa=self.num_key_value_groups > 1)
-    return self.o_proj(out.transpose(1, 2).reshape(b, length, -1)), None
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[:, None], dropout_p=dropout,
+                                         scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2), None
 
 
 # ------------------------------------------------------------------------------------------- mamba
@@ -145,51 +145,44 @@ def _heads_to_seq(st: CPState, y: torch.Tensor) -> torch.Tensor:
     return recv.permute(1, 2, 0, 3).reshape(b, -1, st.cp * w)
 
 
-def _cp_mamba_forward(self: Nemotron3Mamba2Mixer, hidden_states, cache=None, padding_mask=None, seq_idx=None):
-    st: CPState = self._cp_state
-    if cache is not None:
-        raise ValueError("context parallelism is for training/prefill without a cache; pass use_cache=False.")
-    b, local_len, _ = hidden_states.shape
-    dtype = hidden_states.dtype
-    z, xbc, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
-    slices = [_mamba_channel_slices(self, st.cp, r) for r in range(st.cp)]
-    parts = [torch.cat([xbc[..., xi.to(xbc.device)], dt[..., hi.to(dt.device)]], dim=-1) for xi, hi in slices]
-    full = _seq_to_heads(st, parts)
-    my_xbc, my_heads = (s.to(hidden_states.device) for s in slices[st.rank])
-    xbc_h, dt_h = full.split([my_xbc.numel(), my_heads.numel()], dim=-1)
-    weight = self.conv1d.weight.squeeze(1)[my_xbc]
-    bias = self.conv1d.bias[my_xbc] if self.conv1d.bias is not None else None
-    conv = F.silu(causal_conv(xbc_h.transpose(1, 2), weight, bias, None, st.seq_idx)).transpose(1, 2)
-    hl, gl = self.num_heads // st.cp, self.n_groups // st.cp
-    length = conv.shape[1]
-    x, B, C = conv.split([hl * self.head_dim, gl * self.state_size, gl * self.state_size], dim=-1)
-    dt_full = F.softplus(dt_h.float() + self.dt_bias[my_heads].float())
-    lo, hi = self.time_step_limit
-    if lo > 0.0 or hi != float("inf"):
-        dt_full = dt_full.clamp(lo, hi)
-    A = -torch.exp(self.A_log[my_heads].float())
-    y, _ = ssd_chunked(x.reshape(b, length, hl, self.head_dim), dt_full, A, B.reshape(b, length, gl, self.state_size),
-                       C.reshape(b, length, gl, self.state_size), self.chunk_size, D=self.D[my_heads],
-                       seq_idx=st.seq_idx)
-    y = _heads_to_seq(st, y.reshape(b, length, hl * self.head_dim))
-    return self.out_proj(self.norm(y, z, dtype))
+class ContextParallelMamba:
+    """The Mamba-2 ``sequence_mixer`` seam under context parallelism: local tokens of every channel -> all tokens of
+    this rank's heads (all-to-all), `conv_scan` (the one-device kernels, on sliced parameters), and back."""
+
+    def __call__(self, mixer: Nemotron3Mamba2Mixer, xbc: torch.Tensor, dt: torch.Tensor, state, **kwargs
+                 ) -> torch.Tensor:
+        st = _state(kwargs)
+        if state is not None:
+            raise ValueError("context parallelism is for training/prefill without a cache; pass use_cache=False.")
+        slices = [_mamba_channel_slices(mixer, st.cp, r) for r in range(st.cp)]
+        parts = [torch.cat([xbc[..., xi.to(xbc.device)], dt[..., hi.to(dt.device)]], dim=-1) for xi, hi in slices]
+        full = _seq_to_heads(st, parts)
+        my_xbc, my_heads = (s.to(xbc.device) for s in slices[st.rank])
+        xbc_h, dt_h = full.split([my_xbc.numel(), my_heads.numel()], dim=-1)
+        w = Mamba2Weights.of(mixer)
+        mine = Mamba2Weights(w.conv_weight[my_xbc], w.conv_bias[my_xbc] if w.conv_bias is not None else None,
+                             w.dt_bias[my_heads], w.A[my_heads], w.D[my_heads], mixer.n_groups // st.cp)
+        y, _, _ = conv_scan(xbc_h, dt_h, mine, head_dim=mixer.head_dim, state_size=mixer.state_size,
+                            chunk_size=mixer.chunk_size, time_step_limit=mixer.time_step_limit,
+                            use_kernels=mixer.use_kernels, seq_idx=st.seq_idx)
+        return _heads_to_seq(st, y)
 
 
 # ------------------------------------------------------------------------------------------- model
 def apply_context_parallel(model: nn.Module, cp_group) -> CPState:
-    """Swap the forward of every attention and Mamba mixer for its CP version; returns the shared state."""
+    """Plug the CP kernels into ``model`` (a `Nemotron3ForCausalLM`): attention through the attention interface,
+    Mamba through each mixer's ``sequence_mixer`` seam. Returns the state `ContextParallelLM` fills per step."""
+    from transformers import AttentionInterface
+
     state = CPState(group=cp_group, cp=dist.get_world_size(cp_group), rank=dist.get_rank(cp_group))
     for module in model.modules():
-        if isinstance(module, Nemotron3Attention):
-            module.forward = types.MethodType(_cp_attention_forward, module)
-        elif isinstance(module, Nemotron3Mamba2Mixer):
+        if isinstance(module, Nemotron3Mamba2Mixer):
             if module.num_heads % state.cp or module.n_groups % state.cp:
                 raise ValueError(f"Mamba CP needs mamba_num_heads ({module.num_heads}) and n_groups "
                                  f"({module.n_groups}) divisible by context_parallel_size={state.cp}.")
-            module.forward = types.MethodType(_cp_mamba_forward, module)
-        else:
-            continue
-        module._cp_state = state
+            module.sequence_mixer = ContextParallelMamba()
+    AttentionInterface.register(ATTENTION_NAME, context_parallel_attention)
+    model.set_attn_implementation(ATTENTION_NAME)
     return state
 
 
@@ -200,9 +193,12 @@ class ContextParallelLM(nn.Module):
     model as this rank's slice of an ``attention_mask``, so the MoE routers leave it out of ``expert_load`` and
     the aux loss (the bias update then matches one process on the unpadded rows).
 
-    The returned ``loss`` has the value of the global mean loss over the sequence tokens, and its
-    gradient is ``cp`` times this rank's share, so that averaging gradients over all ranks (dp x cp)
-    gives the exact gradient (see `gradients.reduce_gradients`). ``logits`` are the local tokens' logits.
+    The loss is the model's own: the labels are shifted on the full sequence, this rank's share goes in as
+    ``shift_labels`` with ``num_items_in_batch`` = the sequence's label count, so the model returns ``lm_loss`` =
+    (this rank's summed token loss) / (all tokens). The returned ``loss`` has the value of the global mean loss
+    over the sequence tokens (plus the MoE aux loss), and its gradient is ``cp`` times this rank's share, so that
+    averaging gradients over all ranks (dp x cp) gives the exact gradient (see `gradients.reduce_gradients`).
+    ``logits`` are the local tokens' logits.
     """
 
     def __init__(self, model: nn.Module, state: CPState, pad_token_id: int = 0) -> None:
@@ -220,6 +216,14 @@ class ContextParallelLM(nn.Module):
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("context parallelism does not take padding masks; pack sequences with position_ids "
                              "or seq_idx and pad on the right with labels -100.")
+        if kwargs.get("shift_labels") is not None:
+            raise ValueError("ContextParallelLM shifts `labels` on the whole sequence itself; pass `labels`, "
+                             "not `shift_labels`.")
+        base = getattr(self.model, "module", self.model)  # DDP
+        if labels is not None and base.training and getattr(base, "mtp", None) is not None \
+                and base.config.mtp_loss_scale > 0:
+            raise ValueError("the MTP loss is not computed under context parallelism (its shifted inputs span ranks); "
+                             "set config.mtp_loss_scale = 0 for CP runs, or train the MTP head without CP.")
         b, length = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(length, device=input_ids.device)[None].expand(b, -1)
@@ -241,23 +245,27 @@ class ContextParallelLM(nn.Module):
         st.set_length(length + pad, input_ids.device)
         st.seq_idx = seq_idx
         pos = st.local_positions
-        if real is not None:  # the swapped attention / Mamba forwards ignore it (padding only follows)
+        if real is not None:  # the CP kernels ignore it (padding only follows); the MoE routers do not count it
             kwargs["attention_mask"] = real[:, pos]
-        out = self.model(input_ids=input_ids[:, pos], position_ids=position_ids[:, pos], use_cache=False, **kwargs)
+        if labels is not None:
+            kwargs["shift_labels"] = labels[:, pos]
+            kwargs["num_items_in_batch"] = (labels != -100).sum().clamp(min=1)
+        out = self.model(input_ids=input_ids[:, pos], position_ids=position_ids[:, pos], use_cache=False,
+                         context_parallel=st, **kwargs)
         if labels is None:
             return out
-        local_labels = labels[:, pos]
-        count = (labels != -100).sum().clamp(min=1)
-        local_sum = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), local_labels.reshape(-1),
-                                    ignore_index=-100, reduction="sum")
-        share = local_sum / count
+        share = out.lm_loss  # this rank's token-loss sum / the sequence's token count
         total = share.detach().clone()
         dist.all_reduce(total, group=st.group)
         loss = share * st.cp + (total - share * st.cp).detach()
         if out.aux_loss is not None:
             loss = loss + out.aux_loss
         out["loss"] = loss
+        out["lm_loss"] = total
         return out
 
 
-__all__ = ["zigzag_positions", "CPState", "apply_context_parallel", "ContextParallelLM"]
+__all__ = [
+    "zigzag_positions", "CPState", "apply_context_parallel", "ContextParallelLM", "ContextParallelMamba",
+    "context_parallel_attention", "ATTENTION_NAME",
+]
