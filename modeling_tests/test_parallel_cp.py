@@ -10,6 +10,7 @@ import copy
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from transformers_nemotron3 import Nemotron3ForCausalLM
 from transformers_nemotron3.parallel.config import Nemotron3ParallelConfig
@@ -70,18 +71,16 @@ def _cp_run(rank, world, cp, ep, length, packed, mode="replicate", overrides=Non
     par.reduce_gradients()
     loss = par.mean_loss(out.loss)
     worst, name = 0.0, None
+    sharded = 0
     for n, p in par.base.named_parameters():
-        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-        if is_expert_shard(p):
-            parts = [torch.empty_like(g) for _ in range(ep)]
-            dist.all_gather(parts, g.contiguous(), group=par.groups["ep"])
-            g = torch.cat(parts)
+        sharded += is_expert_shard(p)
+        g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad  # expert shards and FSDP2 shards
         n = n.replace("_fsdp_wrapped_module.", "")
         diff = float((g - ref_grads[n]).abs().max())
         if diff > worst:
             worst, name = diff, n
     return {"loss_diff": abs(loss - ref_loss), "grad_diff": worst, "worst": name,
-            "local_tokens": out.logits.shape[1]}
+            "local_tokens": out.logits.shape[1], "sharded": sharded, "ep": ep}
 
 
 def _many(rank, world, cp, ep, jobs):
@@ -92,6 +91,7 @@ def _check(results):
     for out in results:
         for key, r in out.items():
             assert r["loss_diff"] < TOL and r["grad_diff"] < TOL, (key, r)
+            assert (r["sharded"] > 0) == (r["ep"] > 1), (key, r)  # expert shards are DTensors exactly under EP
 
 
 def test_zigzag_positions():

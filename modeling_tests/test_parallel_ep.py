@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from transformers_nemotron3 import Nemotron3ForCausalLM
 from transformers_nemotron3.modeling.moe import LocalDispatcher
@@ -49,13 +50,13 @@ class ReferenceDropDispatcher(LocalDispatcher):
     """Single-process dropping reference: every copy is computed, dropped ones weigh (and learn) nothing."""
 
     def __init__(self, capacity_factor, policy):
-        self.cf, self.policy, self.pending_weights, self.last_keep = capacity_factor, policy, None, None
+        self.cf, self.policy, self.last_keep = capacity_factor, policy, None
 
-    def dispatch(self, x, topk_idx, num_experts):
+    def dispatch(self, x, topk_idx, topk_weights, num_experts):
         t, k = topk_idx.shape
         cap = math.ceil(t * k / num_experts * self.cf)
-        self.last_keep = reference_keep(topk_idx, self.pending_weights, num_experts, cap, self.policy)
-        rows, counts, ctx = super().dispatch(x, topk_idx, num_experts)
+        self.last_keep = reference_keep(topk_idx, topk_weights.detach(), num_experts, cap, self.policy)
+        rows, counts, ctx = super().dispatch(x, topk_idx, topk_weights, num_experts)
         return rows, counts, (ctx, self.last_keep)
 
     def combine(self, out, weights, ctx, num_tokens):
@@ -65,9 +66,7 @@ class ReferenceDropDispatcher(LocalDispatcher):
 
 def _install_reference(model, cf, policy):
     for moe in moe_layers(model):
-        d = ReferenceDropDispatcher(cf, policy)
-        moe.dispatcher = d
-        moe.gate.register_forward_hook(lambda m, a, o, d=d: setattr(d, "pending_weights", o[2].detach()))
+        moe.dispatcher = ReferenceDropDispatcher(cf, policy)
 
 
 def _batch(world, vocab, per_rank=2, length=12):
@@ -104,27 +103,23 @@ def _ep_run(rank, world, ep, name, overrides, cf=None, policy="probs", pad=False
     pcfg = Nemotron3ParallelConfig(expert_parallel_size=ep, capacity_factor=cf, drop_policy=policy,
                                    pad_to_capacity=pad).validate()
     _, expert_mesh = pcfg.build_meshes()
-    ep_group, edp_group = expert_mesh["ep"].get_group(), expert_mesh["edp"].get_group()
     model = _model(name, overrides)
     ids = _batch(world, model.config.vocab_size)
     box = [_reference(model, ids, world, cf, policy) if rank == 0 else None]  # computed once, then shared
     dist.broadcast_object_list(box, src=0)
     ref_loss, ref_grads, ref_keeps = box[0]
-    apply_expert_parallel(model, ep_group, cf, policy, pad)
+    apply_expert_parallel(model, expert_mesh, cf, policy, pad)
     per = ids.shape[0] // world
     local = ids[rank * per:(rank + 1) * per]
     loss = model(local, labels=local).loss
     loss.backward()
     keep = moe_layers(model)[0].dispatcher.last_keep
-    reduce_gradients(model, edp_group)
+    reduce_gradients(model)  # dense; the expert DTensors reduced themselves over edp in their grad hooks
     loss = float(mean_over_ranks(loss))
     worst, worst_name = 0.0, None
     for n, p in model.named_parameters():
-        g = p.grad
-        if is_expert_shard(p):
-            parts = [torch.empty_like(g) for _ in range(ep)]
-            dist.all_gather(parts, g.contiguous(), group=ep_group)
-            g = torch.cat(parts)
+        assert is_expert_shard(p) == isinstance(p.grad, DTensor), n
+        g = p.grad.full_tensor() if is_expert_shard(p) else p.grad
         diff = float((g - ref_grads[n]).abs().max())
         if diff > worst:
             worst, worst_name = diff, n
@@ -143,13 +138,12 @@ def _checkpoint_roundtrip(rank, world, ep, folder):
     )
 
     _, expert_mesh = Nemotron3ParallelConfig(expert_parallel_size=ep).build_meshes()
-    ep_group = expert_mesh["ep"].get_group()
-    model = apply_expert_parallel(_model("latent_groups_mtp", {}), ep_group)
+    model = apply_expert_parallel(_model("latent_groups_mtp", {}), expert_mesh)
     with torch.no_grad():  # move away from the seed-0 init (same noise on every rank: dense stays replicated)
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    save_full_checkpoint(model, f"{folder}/ep", ep_group)
-    gathered = gather_full_state_dict(model, ep_group)
+    save_full_checkpoint(model, f"{folder}/ep")
+    gathered = gather_full_state_dict(model)
     single = Nemotron3ForCausalLM.from_pretrained(f"{folder}/ep", dtype=torch.float32)
     loaded_equal = all(torch.equal(v, gathered[k]) for k, v in single.state_dict().items())
     files = sorted(__import__("os").listdir(f"{folder}/ep"))
@@ -159,9 +153,9 @@ def _checkpoint_roundtrip(rank, world, ep, folder):
     if rank == 0:
         single.save_pretrained(f"{folder}/single")
     dist.barrier()
-    fresh = apply_expert_parallel(_model("latent_groups_mtp", {}), ep_group)
+    fresh = apply_expert_parallel(_model("latent_groups_mtp", {}), expert_mesh)
     load_full_checkpoint_into(fresh, f"{folder}/single")
-    back_equal = all(torch.equal(v, single.state_dict()[k]) for k, v in gather_full_state_dict(fresh, ep_group).items())
+    back_equal = all(torch.equal(v, single.state_dict()[k]) for k, v in gather_full_state_dict(fresh).items())
     return {"loaded_equal": loaded_equal, "back_equal": back_equal, "files": files,
             "n_keys": len(gathered), "sharded": sum(is_expert_shard(p) for p in fresh.parameters())}
 
@@ -214,9 +208,8 @@ def test_capacity_mask_matches_loop_reference_and_dropless_is_infinite_capacity(
     # dropless dispatcher == capacity so large nothing is dropped
     x = torch.randn(40, 5)
     a, b = AllToAllDispatcher(), AllToAllDispatcher(capacity_factor=1e6)
-    b.pending_weights = w
-    ra, ca, ctxa = a.dispatch(x, idx, 8)
-    rb, cb, ctxb = b.dispatch(x, idx, 8)
+    ra, ca, ctxa = a.dispatch(x, idx, w, 8)
+    rb, cb, ctxb = b.dispatch(x, idx, w, 8)
     assert torch.equal(ra, rb) and torch.equal(ca, cb)
     assert torch.equal(a.combine(ra * 2, w, ctxa, 40), b.combine(rb * 2, w, ctxb, 40))
 

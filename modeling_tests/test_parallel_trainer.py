@@ -57,7 +57,7 @@ def _parallel_rank(rank, world, output_dir, parallel, per_device):
     trainer = make_trainer(output_dir, per_device, parallel)
     trainer.train()
     trainer.save_model(output_dir)
-    full = gather_full_state_dict(trainer.nemotron3_parallel.base, trainer.nemotron3_parallel.groups["ep"])
+    full = gather_full_state_dict(trainer.nemotron3_parallel.base)
     grad_norms = [row["grad_norm"] for row in trainer.state.log_history if "grad_norm" in row]
     state = {k: v.numpy() for k, v in full.items()} if rank == 0 else None  # numpy: pickled by value
     return {"losses": losses(trainer), "grad_norms": grad_norms, "state": state}

@@ -19,7 +19,9 @@ import torch
 from accelerate import Accelerator
 
 from transformers_nemotron3 import Nemotron3Config, Nemotron3ForCausalLM
-from transformers_nemotron3.parallel import Nemotron3ParallelConfig, prepare_nemotron3_parallel
+from transformers_nemotron3.parallel import (
+    Nemotron3ParallelConfig, is_expert_shard, param_groups_by_mesh, prepare_nemotron3_parallel,
+)
 
 TINY = dict(vocab_size=96, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             mamba_num_heads=8, mamba_head_dim=8, n_groups=2, ssm_state_size=16, conv_kernel=4, chunk_size=8,
@@ -51,14 +53,15 @@ def main() -> None:
     pcfg = Nemotron3ParallelConfig(context_parallel_size=args.cp, expert_parallel_size=args.ep,
                                    capacity_factor=args.capacity_factor)
     par = prepare_nemotron3_parallel(model, pcfg)
-    optimizer = torch.optim.AdamW(par.model.parameters(), lr=3e-3)
+    # one param group per device mesh (expert DTensors apart from the plain dense tensors): foreach / fused kernels
+    optimizer = torch.optim.AdamW(param_groups_by_mesh(par.model.parameters()), lr=3e-3)
     ddp_model, optimizer = accelerator.prepare(par.model, optimizer)
     first = last = None
     for step in range(args.steps):
         batch = par.shard_batch(global_batch(step, args.rows, args.length, TINY["vocab_size"]))
         out = ddp_model(**batch)
-        accelerator.backward(out.loss)
-        par.reduce_expert_gradients()
+        accelerator.backward(out.loss)  # expert shards all-reduce their gradients over edp in their own hooks
+        accelerator.clip_grad_norm_(ddp_model.parameters(), 1.0)  # DTensor-aware: global norm over both meshes
         optimizer.step()
         optimizer.zero_grad()
         loss = par.mean_loss(out.loss)
@@ -69,7 +72,7 @@ def main() -> None:
                               f"edp={pcfg.edp}, world={accelerator.num_processes})")
     # dense weights must still be identical on every rank (DDP), expert shards must differ over ep
     dense = torch.stack([p.detach().double().sum() for n, p in par.base.named_parameters()
-                         if not getattr(p, "_nemotron3_expert_shard", None)]).sum()
+                         if not is_expert_shard(p)]).sum()
     spread = torch.stack([dense, -dense])
     torch.distributed.all_reduce(spread, op=torch.distributed.ReduceOp.MAX)
     accelerator.print(f"dense-weight checksum spread over ranks: {float(spread.sum()):.3e}")

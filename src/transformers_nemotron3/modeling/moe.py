@@ -110,7 +110,8 @@ class Nemotron3Experts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """``hidden_states`` [T, width], routing [T, k] -> weighted sum of each token's experts, float32 [T, width]."""
-        x_sorted, counts, ctx = self.dispatcher.dispatch(hidden_states, top_k_index, self.global_num_experts)
+        x_sorted, counts, ctx = self.dispatcher.dispatch(hidden_states, top_k_index, top_k_weights,
+                                                         self.global_num_experts)
         return self.dispatcher.combine(self.apply_sorted(x_sorted, counts), top_k_weights, ctx,
                                        hidden_states.shape[0])
 
@@ -155,7 +156,9 @@ def routed_few_tokens(experts: "Nemotron3Experts", x: torch.Tensor, weights: tor
 class LocalDispatcher:
     """Single-device dispatch: copy each token once per chosen expert, sort by expert, weight and sum back."""
 
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int):
+        """Rows of ``x`` sorted by expert, tokens per expert, context for `combine`. ``topk_weights`` is part of the
+        seam (a dispatcher that drops tokens by routing weight needs it); sorting does not use it."""
         flat = topk_idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token = order // topk_idx.shape[1]

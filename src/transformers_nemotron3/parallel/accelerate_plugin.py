@@ -6,20 +6,22 @@ has no plugin registry, so the model is converted first and then handed to ``acc
     accelerator = Accelerator()                       # initialises the process group (gloo / nccl)
     par = prepare_nemotron3_parallel(model, Nemotron3ParallelConfig(context_parallel_size=2,
                                                                     expert_parallel_size=2))
+    optimizer = torch.optim.AdamW(param_groups_by_mesh(par.model.parameters()))  # one group per mesh
     model, optimizer = accelerator.prepare(par.model, optimizer)   # DDP for the dense parameters
     for global_batch in loader:                       # every rank reads the same global batch
         out = model(**par.shard_batch(global_batch))
-        accelerator.backward(out.loss)
-        par.reduce_expert_gradients()                 # experts are not DDP's business
+        accelerator.backward(out.loss)                # expert grads reduce over edp in their own hooks
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)   # DTensor-aware: global norm over both meshes
         optimizer.step(); optimizer.zero_grad()
+        par.sync_expert_load(); par.base.update_expert_bias()
+        par.save_sharded("ckpt/step-N", optimizer, step=N)   # DCP; par.load_sharded(...) resumes exactly
 
-Order applied: (1) expert parallelism (experts sliced over ep, all-to-all dispatchers), (2) context
-parallelism (attention / Mamba forwards swapped, model wrapped in `ContextParallelLM`), (3) data
-parallel: with ``data_parallel_mode="replicate"`` expert shards are put on DDP's ignore list (their
-gradients are reduced over the edp group by `reduce_expert_gradients`) and the dense parameters are left
-to Accelerate's DDP, which averages over all ranks; without DDP call `reduce_gradients()`, which does
-both. With ``"shard"`` every block and the root are FSDP2 ``fully_shard``-ed over all ranks with the
-expert shards ignored; then prepare only the optimizer with Accelerate.
+Order applied: (1) expert parallelism (experts become ``Shard(0)`` DTensors over the ep mesh dim, all-to-all
+dispatchers), (2) context parallelism (attention kernel / Mamba ``sequence_mixer`` swapped, model wrapped in
+`ContextParallelLM`), (3) data parallel: with ``data_parallel_mode="replicate"`` the expert DTensors are put on
+DDP's ignore list and the dense parameters are left to Accelerate's DDP, which averages over all ranks;
+without DDP call `reduce_gradients()`. With ``"shard"`` every block and the root are FSDP2 ``fully_shard``-ed
+over all ranks with the expert DTensors ignored; then prepare only the optimizer with Accelerate.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch import nn
 from .checkpoint import load_full_checkpoint_into, save_full_checkpoint
 from .config import Nemotron3ParallelConfig
 from .context_parallel import ContextParallelLM, apply_context_parallel
+from .distributed_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 from .expert_parallel import apply_expert_parallel, dispatch_bytes, is_expert_shard, moe_layers
 from .gradients import mean_over_ranks, reduce_gradients
 
@@ -67,22 +70,11 @@ class Nemotron3Parallel:
         out.setdefault("labels", out["input_ids"])
         return out
 
-    def reduce_expert_gradients(self) -> None:
-        """Expert-shard gradients: sum over the edp group, divide by the world (matches DDP's dense mean)."""
-        world = dist.get_world_size()
-        edp = self.groups["edp"]
-        for p in self.base.parameters():
-            if p.grad is not None and is_expert_shard(p):
-                if dist.get_world_size(edp) > 1:
-                    dist.all_reduce(p.grad, group=edp)
-                p.grad /= world
-
     def reduce_gradients(self) -> None:
-        """Dense and expert gradients, for loops that do not wrap the model in DDP (with FSDP2, experts only)."""
-        if self.config.data_parallel_mode == "shard":
-            self.reduce_expert_gradients()
-        else:
-            reduce_gradients(self.base, self.groups["edp"])
+        """Dense gradients, for loops that do not wrap the model in DDP (no-op with FSDP2, which reduces its own).
+        Expert shards reduce themselves (post-accumulate-grad hooks, see `expert_parallel.py`)."""
+        if self.config.data_parallel_mode != "shard":
+            reduce_gradients(self.base)
 
     def mean_loss(self, loss: torch.Tensor) -> float:
         """The global mean loss for logging (mean over dp; cp ranks already hold the sequence loss)."""
@@ -98,10 +90,25 @@ class Nemotron3Parallel:
         return dispatch_bytes(self.base, reset)
 
     def save_checkpoint(self, path, **save_kwargs) -> None:
-        save_full_checkpoint(self.base, path, self.groups["ep"], **save_kwargs)
+        """Full official-layout checkpoint for publishing (gathered; rank 0 writes; collective)."""
+        save_full_checkpoint(self.base, path, **save_kwargs)
 
     def load_checkpoint(self, path) -> None:
+        """Weights from a full official-layout checkpoint into the shards."""
         load_full_checkpoint_into(self.base, path)
+
+    def save_sharded(self, path, optimizer=None, step: int | None = None, **stateful) -> None:
+        """DCP training checkpoint (model, optimizer, router biases and loads, RNG, step); collective."""
+        save_sharded_checkpoint(path, self.base, _unwrap_optimizer(optimizer), step, **stateful)
+
+    def load_sharded(self, path, optimizer=None, **stateful) -> int | None:
+        """Resume from `save_sharded` in place; returns the saved step. Call with gradients cleared."""
+        return load_sharded_checkpoint(path, self.base, _unwrap_optimizer(optimizer), **stateful)
+
+
+def _unwrap_optimizer(optimizer):
+    """Accelerate's ``AcceleratedOptimizer`` -> the torch optimizer (DCP reads its param groups)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def prepare_nemotron3_parallel(model: nn.Module, config: Nemotron3ParallelConfig,
@@ -117,7 +124,7 @@ def prepare_nemotron3_parallel(model: nn.Module, config: Nemotron3ParallelConfig
     groups = {"dp": dense["dp"].get_group(), "cp": dense["cp"].get_group(),
               "edp": expert["edp"].get_group(), "ep": expert["ep"].get_group()}
     if config.ep > 1 or config.capacity_factor is not None:
-        apply_expert_parallel(model, groups["ep"] if config.ep > 1 else None, config.capacity_factor,
+        apply_expert_parallel(model, expert if config.ep > 1 else None, config.capacity_factor,
                               config.drop_policy, config.pad_to_capacity)
     wrapped = model
     if config.cp > 1:
@@ -137,7 +144,7 @@ def _fully_shard_dense(model: nn.Module, device_type: str) -> None:
     """FSDP2: shard every block and then the root over all ranks (dp x cp flattened), experts ignored.
 
     FSDP2 reduce-scatters with a mean over all ranks, the same convention as DDP, so the CP loss scaling
-    and `reduce_expert_gradients` stay as they are. Do not pass the model to ``accelerator.prepare``
+    and the expert shards' own reduction stay as they are. Do not pass the model to ``accelerator.prepare``
     afterwards (Accelerate would wrap it in DDP); prepare only the optimizer.
     """
     from torch.distributed.device_mesh import init_device_mesh

@@ -69,7 +69,8 @@ def capacity_keep_mask(topk_idx: torch.Tensor, topk_weights: torch.Tensor | None
     n = flat.numel()
     if policy == "probs":
         if topk_weights is None:
-            raise ValueError("drop_policy='probs' needs the routing weights; the dispatcher did not receive them.")
+            raise ValueError("drop_policy='probs' needs the routing weights: pass topk_weights to dispatch(), "
+                             "or use drop_policy='position'.")
         priority_order = torch.argsort(topk_weights.reshape(-1).detach().float(), descending=True, stable=True)
     elif policy == "position":
         priority_order = torch.arange(n, device=flat.device)
@@ -88,8 +89,7 @@ def capacity_keep_mask(topk_idx: torch.Tensor, topk_weights: torch.Tensor | None
 class AllToAllDispatcher:
     """Dispatcher for one MoE layer; ``group`` is the ep process group (None = this process only).
 
-    ``pending_weights`` is filled by a forward hook on the router (see `expert_parallel.py`) because the
-    ``probs`` drop policy needs routing weights at dispatch time and the seam passes only expert ids.
+    The MoE layer passes the routing weights to `dispatch` (the ``probs`` drop policy ranks token copies by them).
     ``stats`` counts the bytes this rank sent to other ranks in the forward pass (dispatch + combine).
     """
 
@@ -101,24 +101,23 @@ class AllToAllDispatcher:
         self.capacity_factor = capacity_factor
         self.drop_policy = drop_policy
         self.pad_to_capacity = pad_to_capacity and capacity_factor is not None
-        self.pending_weights: torch.Tensor | None = None
         self.last_keep: torch.Tensor | None = None  # [T, k] kept copies of the last dispatch (None = dropless)
         self.stats = {"bytes_sent": 0, "rows_sent": 0}
 
     # ------------------------------------------------------------------ dispatch
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None,
+                 num_experts: int):
         num_tokens, k = topk_idx.shape
         flat = topk_idx.reshape(-1)
         capacity = None
         if self.capacity_factor is not None:
             capacity = expert_capacity(num_tokens, k, num_experts, self.capacity_factor)
-            keep = capacity_keep_mask(topk_idx, self.pending_weights, num_experts, capacity, self.drop_policy)
+            keep = capacity_keep_mask(topk_idx, topk_weights, num_experts, capacity, self.drop_policy)
             self.last_keep = keep
             copies = torch.nonzero(keep.reshape(-1)).squeeze(1)
         else:
             self.last_keep = None
             copies = torch.arange(flat.numel(), device=flat.device)
-        self.pending_weights = None
         experts_of = flat[copies]
         sel = copies[torch.argsort(experts_of, stable=True)]  # kept copies sorted by expert
         token = sel // k

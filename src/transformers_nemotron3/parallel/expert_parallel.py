@@ -1,23 +1,34 @@
-"""Expert parallelism from outside the model: shard routed experts over the ep group, install the dispatcher.
+"""Expert parallelism from outside the model: routed experts become DTensors sharded over the ep mesh dim.
 
-For every `Nemotron3MoE` layer:
+For every `Nemotron3MoE` layer (torchtitan's ``ExpertParallel`` style, on our seams):
 
-- ``experts.up_proj / down_proj / gate_proj`` [E, ...] are replaced by this rank's contiguous slice
-  [E/ep, ...] (rank r owns global experts ``r*E/ep .. (r+1)*E/ep - 1``) and ``experts.num_experts`` is set
-  to E/ep; the layer itself still routes over all E experts;
-- ``moe.dispatcher`` becomes an `AllToAllDispatcher` on the ep group (also used with ep=1 when a
-  capacity factor is set, for token dropping without EP);
-- a forward hook on the router hands the routing weights to the dispatcher (needed by ``probs`` dropping).
+- ``experts.up_proj / down_proj / gate_proj`` [E, ...] become ``DTensor`` parameters on the expert mesh
+  ``(edp, ep)`` with placements ``(Replicate(), Shard(0))``: rank r of an ep group holds global experts
+  ``r*E/ep .. (r+1)*E/ep - 1`` (``to_local()`` [E/ep, ...]); ``experts.num_experts`` is set to E/ep, the
+  layer still routes over all E;
+- ``experts.gemm`` is wrapped by `LocalShardGemm`, which hands the wrapped grouped GEMM the local shard
+  (``to_local(grad_placements=(Partial(), Shard(0)))``: the gradient that comes back is labelled partial over
+  edp, which it is: every edp replica saw other tokens);
+- ``moe.dispatcher`` becomes an `AllToAllDispatcher` on the ep group (also used with ep=1 when a capacity
+  factor is set, for token dropping without EP). The layer passes it the routing weights.
 
-Sharded parameters are tagged ``param._nemotron3_expert_shard = (ep_rank, ep_size)``; gradient reduction
-and checkpoint gathering read the tag.
+Gradients: a post-accumulate-grad hook on each expert parameter (installed by `LocalShardGemm`) turns the partial gradient into the
+replicated one (``DTensor.redistribute``: an all-reduce over edp) and divides by the world size, the same
+mean as DDP applies to the dense parameters. It runs when Accelerate says gradients sync
+(``GradientState.sync_gradients``: the last micro-batch of an accumulation, always in a plain loop), so
+gradient accumulation reduces once. Norms, clipping, optimizer state and checkpoints then come from torch's
+DTensor support (``get_total_norm`` per mesh, ``torch.distributed.checkpoint``), nothing here tags tensors.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 from ..modeling.moe import Nemotron3MoE
 from .dispatcher import AllToAllDispatcher
@@ -30,20 +41,69 @@ def moe_layers(model: nn.Module) -> list[Nemotron3MoE]:
 
 
 def is_expert_shard(param: torch.Tensor) -> bool:
-    return getattr(param, "_nemotron3_expert_shard", None) is not None
+    """Whether ``param`` is an expert-parallel shard: a DTensor on a mesh with an ``ep`` dimension."""
+    return isinstance(param, DTensor) and "ep" in (param.device_mesh.mesh_dim_names or ())
 
 
-def _stash_weights(dispatcher: AllToAllDispatcher):
-    def hook(module, args, output):
-        dispatcher.pending_weights = output[2].detach()
-    return hook
+def _placements(mesh: DeviceMesh, grad: bool = False) -> tuple:
+    """(Replicate over edp, Shard(0) over ep); for the gradient of the local compute: Partial over edp."""
+    return ((Partial() if grad else Replicate()), Shard(0)) if mesh.ndim == 2 else (Shard(0),)
 
 
-def apply_expert_parallel(model: nn.Module, ep_group=None, capacity_factor: float | None = None,
+def _sync_gradients() -> bool:
+    try:
+        from accelerate.state import GradientState
+    except ImportError:  # pragma: no cover - accelerate is a dependency of the parallel extra
+        return True
+    return GradientState().sync_gradients
+
+
+class LocalShardGemm:
+    """Wraps an experts ``gemm(x, weight, counts)`` seam: DTensor weights are handed over as the local shard.
+
+    It also makes sure the expert parameter in use carries the gradient-reduction hook (`_reduce_expert_grad`):
+    registered here, at the first forward of each parameter object, because moving a module (``model.to(device)``
+    as Trainer / Accelerate do) may replace a DTensor parameter by a new object without the hooks of the old one.
+    """
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self._hooked: dict[int, weakref.ref] = {}
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if isinstance(weight, DTensor):
+            self._ensure_hook(weight)
+            weight = weight.to_local(grad_placements=_placements(weight.device_mesh, grad=True))
+        return self.inner(x, weight, counts)
+
+    def _ensure_hook(self, param: torch.Tensor) -> None:
+        ref = self._hooked.get(id(param))
+        if param.requires_grad and (ref is None or ref() is not param):
+            param.register_post_accumulate_grad_hook(_reduce_expert_grad)
+            self._hooked[id(param)] = weakref.ref(param)
+
+
+def _reduce_expert_grad(param: torch.Tensor) -> None:
+    """Post-accumulate-grad hook: partial over edp -> replicated (all-reduce via DTensor), then / world."""
+    grad = param.grad
+    if grad is None or not _sync_gradients() or not any(p.is_partial() for p in grad.placements):
+        return
+    grad = grad.redistribute(grad.device_mesh, _placements(grad.device_mesh))
+    param.grad = grad / dist.get_world_size()
+
+
+def apply_expert_parallel(model: nn.Module, expert_mesh: DeviceMesh | None = None, capacity_factor: float | None = None,
                           drop_policy: str = "probs", pad_to_capacity: bool = False) -> nn.Module:
-    """Shard experts over ``ep_group`` (None = one process) and install all-to-all dispatchers, in place."""
-    ep = dist.get_world_size(ep_group) if ep_group is not None else 1
-    rank = dist.get_rank(ep_group) if ep_group is not None else 0
+    """Shard experts over ``expert_mesh`` (``(edp, ep)`` from `Nemotron3ParallelConfig.build_meshes`, or a 1-D
+    ``("ep",)`` mesh; None = one process) and install all-to-all dispatchers, in place."""
+    if expert_mesh is not None and not isinstance(expert_mesh, DeviceMesh):
+        raise ValueError(f"expert_mesh must be a DeviceMesh with an 'ep' dimension, got {type(expert_mesh).__name__}; "
+                         "use the expert mesh of Nemotron3ParallelConfig.build_meshes().")
+    if expert_mesh is not None and (expert_mesh.mesh_dim_names or ())[-1:] != ("ep",):
+        raise ValueError(f"expert_mesh has dims {expert_mesh.mesh_dim_names}; its last dim must be named 'ep' "
+                         "(e.g. ('edp', 'ep') from Nemotron3ParallelConfig.build_meshes()).")
+    ep_mesh = expert_mesh["ep"] if expert_mesh is not None and expert_mesh.ndim == 2 else expert_mesh
+    ep = ep_mesh.size() if ep_mesh is not None else 1
     layers = moe_layers(model)
     if ep > 1 and not layers:
         raise ValueError(f"expert parallelism (ep={ep}) needs MoE layers; this model has none.")
@@ -52,22 +112,20 @@ def apply_expert_parallel(model: nn.Module, ep_group=None, capacity_factor: floa
         total = moe.num_experts
         if total % ep:
             raise ValueError(f"n_routed_experts={total} is not divisible by expert_parallel_size={ep}.")
-        if experts.num_experts != total:
+        if experts.num_experts != total or isinstance(experts.gemm, LocalShardGemm):
             raise ValueError("this MoE layer is already expert-parallel; apply_expert_parallel runs once.")
-        local = total // ep
         if ep > 1:
             for name in EXPERT_PARAMS:
                 full = getattr(experts, name)
                 if full is None:
                     continue
-                shard = nn.Parameter(full.detach()[rank * local:(rank + 1) * local].clone(),
-                                     requires_grad=full.requires_grad)
-                shard._nemotron3_expert_shard = (rank, ep)
-                setattr(experts, name, shard)
-            experts.num_experts = local
-        dispatcher = AllToAllDispatcher(ep_group if ep > 1 else None, capacity_factor, drop_policy, pad_to_capacity)
-        moe.dispatcher = dispatcher
-        moe._nemotron3_ep_hook = moe.gate.register_forward_hook(_stash_weights(dispatcher))
+                # every rank holds the same full tensor: take the local slice, no communication
+                shard = distribute_tensor(full.detach(), expert_mesh, _placements(expert_mesh), src_data_rank=None)
+                setattr(experts, name, nn.Parameter(shard, requires_grad=full.requires_grad))
+            experts.num_experts = total // ep
+            experts.gemm = LocalShardGemm(experts.gemm)
+        moe.dispatcher = AllToAllDispatcher(ep_mesh.get_group() if ep > 1 else None, capacity_factor, drop_policy,
+                                            pad_to_capacity)
     return model
 
 
@@ -83,4 +141,5 @@ def dispatch_bytes(model: nn.Module, reset: bool = True) -> int:
     return total
 
 
-__all__ = ["apply_expert_parallel", "moe_layers", "is_expert_shard", "dispatch_bytes", "EXPERT_PARAMS"]
+__all__ = ["apply_expert_parallel", "moe_layers", "is_expert_shard", "dispatch_bytes", "EXPERT_PARAMS",
+           "LocalShardGemm"]

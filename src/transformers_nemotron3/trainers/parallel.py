@@ -1,30 +1,32 @@
 """Expert / context parallelism from the Trainer-based trainers (`Nemotron3SFTTrainer`).
 
-`Nemotron3ParallelTrainerMixin` sits before TRL's trainer in the MRO and does, when the trainer's args
-carry ``parallel_config`` (a `Nemotron3ParallelConfig`, or a dict of its fields):
+`Nemotron3ParallelTrainerMixin` sits before TRL's trainer in the MRO and, when the trainer's args carry
+``parallel_config`` (a `Nemotron3ParallelConfig`, or a dict of its fields), uses only public hooks:
 
-1. ``__init__``: initialises the process group through ``args.device`` (Accelerate's ``PartialState``),
-   then `prepare_nemotron3_parallel` on the bare model *before* ``Trainer`` wraps it (EP slices the
-   experts and installs the all-to-all dispatchers; CP swaps the mixer forwards). ``Trainer`` keeps the
-   plain ``Nemotron3ForCausalLM``; its expert shards are put on DDP's ignore list
-   (``_ddp_params_and_buffers_to_ignore``), so Accelerate's DDP averages only the replicated parameters.
-2. gradients: before clipping (``_clip_grad_norm``, or ``_get_grad_norm`` when ``max_grad_norm`` is 0)
-   the expert-shard gradients are all-reduced over the edp group and divided by the world size
-   (`Nemotron3Parallel.reduce_expert_gradients`, same convention as DDP's mean), and the norm used for
-   clipping/logging is the *global* norm: dense part (replicated) plus the expert shards' squares summed
-   over the ep group. So clipping is identical on every rank and equal to one process.
-3. router loads: ``sync_expert_load`` (sum over all ranks) after each optimizer step, before
-   ``ExpertBiasUpdateCallback`` updates the correction biases.
-4. cp > 1: the train dataloader is sharded over dp (``world / cp``) instead of the world, so the cp ranks
-   of one dp group get the same rows; ``parallel_forward`` runs the model through a `ContextParallelLM`
-   around the (DDP-wrapped) model and rescales the per-dp-rank mean to the global token mean.
-5. ``save_model``: every rank gathers the expert shards over ep; rank 0 writes one full checkpoint in the
-   official layout (``save_pretrained`` of the model with the full state dict) plus the tokenizer and
-   ``training_args.bin``. Loadable with ``Nemotron3ForCausalLM.from_pretrained`` in one process.
+1. ``__init__`` (before ``Trainer.__init__``): ``args.device`` initialises the process group (Accelerate's
+   ``PartialState``), then `prepare_nemotron3_parallel` on the bare model *before* ``Trainer`` wraps it (EP:
+   experts become ``Shard(0)`` DTensors on the ep mesh dim and all-to-all dispatchers; CP: attention kernel and
+   Mamba ``sequence_mixer`` swapped). ``Trainer`` keeps the plain ``Nemotron3ForCausalLM``; its expert DTensors
+   are on DDP's ignore list, so Accelerate's DDP averages only the replicated parameters.
+2. gradients: nothing here. The expert shards all-reduce their own gradients over edp at the last micro-batch
+   (post-accumulate-grad hooks gated by Accelerate's ``sync_gradients``, see `parallel/expert_parallel.py`), and
+   transformers' Trainer already handles parameters on several device meshes: one optimizer parameter group
+   per mesh, and a global gradient norm / clipping per mesh (``get_total_norm`` + ``full_tensor``).
+3. router loads: `ExpertLoadSyncCallback` sums them over all ranks at ``on_optimizer_step``, before
+   ``ExpertBiasUpdateCallback`` updates the correction biases at ``on_step_end``.
+4. cp > 1, data: Accelerate's own data sharding by device mesh: the trainer hands Accelerate a ``("dp_replicate",
+   "cp")`` mesh (``accelerator.state.device_mesh``), so its dataloader gives the cp ranks of one dp group the
+   same rows. Loss: ``parallel_forward`` runs the model through a `ContextParallelLM` around the DDP-wrapped
+   model and rescales the per-dp-rank mean to the global token mean.
+5. ``save_model``: one full official-layout checkpoint (experts gathered, rank 0 writes; collective): what a
+   final ``save_model()`` publishes and what ``from_pretrained`` loads in one process.
+6. Trainer checkpoints (``save_strategy``): `ShardedCheckpointCallback` adds ``checkpoint-N/sharded/``, a
+   ``torch.distributed.checkpoint`` of the model (expert shards, router biases), the optimizer state of every
+   shard and the routers' loads (``on_save``); ``train(resume_from_checkpoint=...)`` loads it back at
+   ``on_train_begin``, after Trainer restored its own state (step, scheduler, RNG, data position), so a resumed
+   sharded run equals the uninterrupted one.
 
-Not handled: optimizer/scheduler state of expert shards in Trainer checkpoints (``save_strategy``
-checkpoints keep rank 0's optimizer state only, so resuming a sharded run is not exact), FSDP2
-(``data_parallel_mode="shard"``) under ``Trainer``, and evaluation under cp > 1.
+Not handled: FSDP2 (``data_parallel_mode="shard"``) under ``Trainer``, evaluation under cp > 1.
 """
 
 from __future__ import annotations
@@ -35,13 +37,17 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..parallel.accelerate_plugin import Nemotron3Parallel, prepare_nemotron3_parallel
 from ..parallel.config import Nemotron3ParallelConfig
 from ..parallel.context_parallel import ContextParallelLM
 from ..parallel.expert_parallel import is_expert_shard
 
-__all__ = ["Nemotron3ParallelTrainerMixin", "ExpertLoadSyncCallback", "as_parallel_config"]
+__all__ = ["Nemotron3ParallelTrainerMixin", "ExpertLoadSyncCallback", "ShardedCheckpointCallback",
+           "as_parallel_config", "SHARDED_DIR"]
+
+SHARDED_DIR = "sharded"  # inside Trainer's checkpoint-N/
 
 
 def as_parallel_config(value) -> Nemotron3ParallelConfig | None:
@@ -69,6 +75,36 @@ class ExpertLoadSyncCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.par.sync_expert_load()
+        return control
+
+
+class ShardedCheckpointCallback(TrainerCallback):
+    """Writes ``checkpoint-N/sharded`` (DCP: model, optimizer, router loads) at every Trainer save and loads it
+    when training resumes (``resume_dir``, set by the mixin's ``train``). Trainer keeps its own files next to it
+    (``trainer_state.json``, scheduler, per-process RNG, the full weights written by ``save_model``)."""
+
+    def __init__(self, par: Nemotron3Parallel) -> None:
+        self.par = par
+        self.resume_dir: str | None = None
+
+    def on_save(self, args, state, control, optimizer=None, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        self.par.save_sharded(os.path.join(folder, SHARDED_DIR), optimizer, step=state.global_step)
+        return control
+
+    def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
+        if self.resume_dir is None:
+            return control
+        path = os.path.join(self.resume_dir, SHARDED_DIR)
+        if not os.path.isdir(path):
+            raise ValueError(f"{self.resume_dir} has no {SHARDED_DIR}/ checkpoint: it was not written by a "
+                             "parallel_config run. Load its weights into a fresh model instead of resuming.")
+        if model is not None:
+            model.zero_grad(set_to_none=True)
+        step = self.par.load_sharded(path, optimizer, restore_rng=False)  # Trainer restores RNG per process
+        if step != state.global_step:
+            raise ValueError(f"{path} holds step {step} but the trainer state says {state.global_step}.")
+        self.resume_dir = None
         return control
 
 
@@ -100,18 +136,36 @@ class Nemotron3ParallelTrainerMixin:
         self.nemotron3_parallel = par
         if getattr(args, "update_expert_bias", False):
             callbacks.insert(0, ExpertLoadSyncCallback(par))
+        self._nemotron3_checkpoints = ShardedCheckpointCallback(par)
+        callbacks.append(self._nemotron3_checkpoints)
         return model
 
-    # ------------------------------------------------------------------ data (cp > 1)
-    def get_train_dataloader(self):
-        dataloader = super().get_train_dataloader()
+    def _finish_nemotron3_parallel(self) -> None:
+        """After ``Trainer.__init__`` (Accelerate exists): under cp > 1 give Accelerate a ``(dp_replicate, cp)`` device
+        mesh, from which its dataloader shards batches over dp only (cp ranks of a dp group read the same rows)."""
         par = self.nemotron3_parallel
-        if par is not None and par.config.cp > 1:
-            shard = getattr(dataloader, "batch_sampler", None)
-            if shard is None or not hasattr(shard, "num_processes"):
-                raise ValueError("context parallelism under Trainer needs a map-style dataset (batch-sampler sharding).")
-            shard.num_processes, shard.process_index = par.config.dp, par.dp_rank
-        return dataloader
+        if par is None or par.config.cp == 1:
+            return
+        if self.accelerator.state.device_mesh is not None:
+            raise ValueError("parallel_config with context_parallel_size > 1 cannot be combined with Accelerate's "
+                             "own parallelism_config (it sets the device mesh); use one of them.")
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.accelerator.state.device_mesh = init_device_mesh(
+            par.dense_mesh.device_type, (par.config.dp, par.config.cp), mesh_dim_names=("dp_replicate", "cp"))
+
+    # ------------------------------------------------------------------ resume
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``; with a parallel config the sharded state of ``resume_from_checkpoint`` is loaded too."""
+        if self.nemotron3_parallel is not None and resume_from_checkpoint:
+            path = resume_from_checkpoint
+            if isinstance(path, bool):
+                path = get_last_checkpoint(self.args.output_dir)
+                if path is None:
+                    raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} has no checkpoint-N.")
+            self._nemotron3_checkpoints.resume_dir = path
+            resume_from_checkpoint = path
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ------------------------------------------------------------------ forward (cp > 1)
     def parallel_forward(self, model, inputs: dict, num_items_in_batch=None):
@@ -140,36 +194,6 @@ class Nemotron3ParallelTrainerMixin:
             # hold the same value: mean_dp -> sum_dp / total needs the factor local*dp/total.
             outputs["loss"] = outputs.loss * (local * par.config.dp / total)
         return outputs
-
-    # ------------------------------------------------------------------ gradients
-    def _nemotron3_global_grad_norm(self, model) -> torch.Tensor:
-        par = self.nemotron3_parallel
-        dense, expert = [], []
-        for p in model.parameters():
-            if p.grad is not None:
-                (expert if is_expert_shard(p) else dense).append(p.grad.detach().float().pow(2).sum())
-        zero = torch.zeros((), device=next(model.parameters()).device)
-        dense_sq = torch.stack(dense).sum() if dense else zero
-        expert_sq = torch.stack(expert).sum() if expert else zero.clone()
-        if par.config.ep > 1:
-            dist.all_reduce(expert_sq, group=par.groups["ep"])
-        return (dense_sq + expert_sq).sqrt()
-
-    def _clip_grad_norm(self, model):
-        if self.nemotron3_parallel is None:
-            return super()._clip_grad_norm(model)
-        self.nemotron3_parallel.reduce_expert_gradients()
-        norm = self._nemotron3_global_grad_norm(model)
-        from torch.nn.utils import clip_grads_with_norm_
-
-        clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], self.args.max_grad_norm, norm)
-        return norm
-
-    def _get_grad_norm(self, model, grad_norm=None):
-        if self.nemotron3_parallel is not None and grad_norm is None:  # max_grad_norm == 0: no clip call
-            self.nemotron3_parallel.reduce_expert_gradients()
-            grad_norm = self._nemotron3_global_grad_norm(model)
-        return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     # ------------------------------------------------------------------ saving
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -122,6 +122,7 @@ class Nemotron3SFTTrainer(Nemotron3ParallelTrainerMixin, SFTTrainer):
         model = self._setup_nemotron3_parallel(model, args, callbacks)  # EP / CP before Trainer wraps the model
         with prepare_model_for_trl(model, args):
             super().__init__(model, args=args, processing_class=processing_class, callbacks=callbacks, **kwargs)
+        self._finish_nemotron3_parallel()
 
     # ------------------------------------------------------------------ data
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
