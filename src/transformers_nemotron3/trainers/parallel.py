@@ -146,7 +146,7 @@ class Nemotron3ParallelTrainerMixin:
         par = self.nemotron3_parallel
         if par is None or par.config.cp == 1:
             return
-        if self.accelerator.state.device_mesh is not None:
+        if self.accelerator.parallelism_config is not None:
             raise ValueError("parallel_config with context_parallel_size > 1 cannot be combined with Accelerate's "
                              "own parallelism_config (it sets the device mesh); use one of them.")
         from torch.distributed.device_mesh import init_device_mesh
