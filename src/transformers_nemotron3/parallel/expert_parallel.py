@@ -9,6 +9,7 @@ For every `Nemotron3MoE` layer (torchtitan's ``ExpertParallel`` style, on our se
 - ``experts.gemm`` is wrapped by `LocalShardGemm`, which hands the wrapped grouped GEMM the local shard
   (``to_local(grad_placements=(Partial(), Shard(0)))``: the gradient that comes back is labelled partial over
   edp, which it is: every edp replica saw other tokens);
+- a ``load_state_dict`` pre-hook cuts full expert tensors to the local shard, so a full state dict loads as is;
 - ``moe.dispatcher`` becomes an `AllToAllDispatcher` on the ep group (also used with ep=1 when a capacity
   factor is set, for token dropping without EP). The layer passes it the routing weights.
 
@@ -92,6 +93,21 @@ def _reduce_expert_grad(param: torch.Tensor) -> None:
     param.grad = grad / dist.get_world_size()
 
 
+def _shard_full_expert_tensors(module, state_dict, prefix, *args) -> None:
+    """``load_state_dict`` pre-hook of expert-parallel experts: a full (plain) tensor for a DTensor parameter is cut
+    to this rank's shard (``distribute_tensor(..., src_data_rank=None)``: no communication), so loading a full state
+    dict (Trainer's resume, ``load_state_dict`` of a one-process checkpoint) works on the sharded model."""
+    for name in EXPERT_PARAMS:
+        param, key = getattr(module, name, None), prefix + name
+        value = state_dict.get(key)
+        if isinstance(param, DTensor) and isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
+            if value.shape != param.shape:
+                raise ValueError(f"{key}: full tensor of shape {tuple(value.shape)} for an expert shard of global shape "
+                                 f"{tuple(param.shape)}; was the checkpoint written from the same config?")
+            state_dict[key] = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements,
+                                                src_data_rank=None)
+
+
 def apply_expert_parallel(model: nn.Module, expert_mesh: DeviceMesh | None = None, capacity_factor: float | None = None,
                           drop_policy: str = "probs", pad_to_capacity: bool = False) -> nn.Module:
     """Shard experts over ``expert_mesh`` (``(edp, ep)`` from `Nemotron3ParallelConfig.build_meshes`, or a 1-D
@@ -124,6 +140,7 @@ def apply_expert_parallel(model: nn.Module, expert_mesh: DeviceMesh | None = Non
                 setattr(experts, name, nn.Parameter(shard, requires_grad=full.requires_grad))
             experts.num_experts = total // ep
             experts.gemm = LocalShardGemm(experts.gemm)
+            experts.register_load_state_dict_pre_hook(_shard_full_expert_tensors)
         moe.dispatcher = AllToAllDispatcher(ep_mesh.get_group() if ep > 1 else None, capacity_factor, drop_policy,
                                             pad_to_capacity)
     return model

@@ -101,6 +101,9 @@ class ShardedCheckpointCallback(TrainerCallback):
                              "parallel_config run. Load its weights into a fresh model instead of resuming.")
         if model is not None:
             model.zero_grad(set_to_none=True)
+        # Trainer has loaded its own optimizer.pt (rank 0's view); every rank's moments are in sharded/: start from an
+        # empty state, which DCP initialises with the parameters' layout (DTensor moments for expert shards)
+        getattr(optimizer, "optimizer", optimizer).state.clear()
         step = self.par.load_sharded(path, optimizer, restore_rng=False)  # Trainer restores RNG per process
         if step != state.global_step:
             raise ValueError(f"{path} holds step {step} but the trainer state says {state.global_step}.")
