@@ -212,6 +212,14 @@ def test_capacity_mask_matches_loop_reference_and_dropless_is_infinite_capacity(
     rb, cb, ctxb = b.dispatch(x, idx, w, 8)
     assert torch.equal(ra, rb) and torch.equal(ca, cb)
     assert torch.equal(a.combine(ra * 2, w, ctxa, 40), b.combine(rb * 2, w, ctxb, 40))
+    # the routing weights arrive through dispatch(); dropping by weight without them is a clear error
+    with pytest.raises(ValueError, match="topk_weights"):
+        AllToAllDispatcher(capacity_factor=1.0).dispatch(x, idx, None, 8)
+    kept = AllToAllDispatcher(capacity_factor=1.0, drop_policy="probs")
+    kept.dispatch(x, idx, w, 8)
+    assert torch.equal(kept.last_keep, reference_keep(idx, w, 8, math.ceil(40 * 2 / 8), "probs"))
+    with pytest.raises(ValueError, match="DeviceMesh"):
+        apply_expert_parallel(_model("all_blocks", {}), expert_mesh=object())
 
 
 def test_parallel_config_errors():
