@@ -160,15 +160,46 @@ def _checkpoint_roundtrip(rank, world, ep, folder):
             "n_keys": len(gathered), "sharded": sum(is_expert_shard(p) for p in fresh.parameters())}
 
 
+def _accumulation_run(rank, world, ep):
+    """Accelerate's gradient accumulation (2 micro-batches): the expert shards reduce once, at the synced
+    micro-batch, and the accumulated gradients equal one process on the whole batch."""
+    from accelerate import Accelerator
+
+    from transformers_nemotron3.parallel import prepare_nemotron3_parallel
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = _model("all_blocks", {})
+    ids = _batch(2 * world, model.config.vocab_size)  # 2 micro-batches of 2 rows per rank
+    box = [_reference(model, ids, 2 * world)[:2] if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    _, ref_grads = box[0]
+    par = prepare_nemotron3_parallel(model, Nemotron3ParallelConfig(expert_parallel_size=ep))
+    ddp_model = accelerator.prepare(par.model)
+    synced = []
+    for micro in range(2):
+        # rank r's slices are r and r + world of the 2*world reference slices (the reference's mean is order-free)
+        local = ids[(micro * world + rank) * 2:(micro * world + rank) * 2 + 2]
+        with accelerator.accumulate(ddp_model):
+            accelerator.backward(ddp_model(local, labels=local).loss)
+            synced.append(accelerator.sync_gradients)
+    worst = max(float(((p.grad.full_tensor() if is_expert_shard(p) else p.grad) - ref_grads[n]).abs().max())
+                for n, p in par.base.named_parameters())
+    return {"grad_diff": worst, "synced": synced}
+
+
 def _many(rank, world, ep, jobs, folder=None):
     out = {key: _ep_run(rank, world, ep, *job) for key, job in jobs.items()}
     if folder is not None:
         out["checkpoint"] = _checkpoint_roundtrip(rank, world, ep, folder)
+        out["accumulation"] = _accumulation_run(rank, world, ep)
     return out
 
 
 def _check(results):
     for rank_out in results:
+        acc = rank_out.pop("accumulation", None)
+        if acc is not None:
+            assert acc["synced"] == [False, True] and acc["grad_diff"] < TOL, acc
         ckpt = rank_out.pop("checkpoint", None)
         if ckpt is not None:
             assert ckpt["loaded_equal"] and ckpt["back_equal"] and ckpt["sharded"] > 0, ckpt
