@@ -1,7 +1,7 @@
 """A sharded run stopped and resumed from its DCP checkpoint equals the uninterrupted run and one process.
 
 EP=2 x CP=2 folded on 4 gloo processes (dp=2, edp=2), packed rows of 23 tokens (three documents; CP right-pads
-to 24), AdamW (optimizer state to restore) with gradient clipping through the DTensor-aware clip, aux-loss-free
+to 24), AdamW (optimizer state to restore) with a decaying LR schedule and gradient clipping through the DTensor-aware clip, aux-loss-free
 bias updates on. Four optimizer steps; the interrupted run saves after step 2 (``torch.distributed.checkpoint``:
 expert shards, router biases, Adam moments, per-rank router loads), a fresh model with *other* initial weights
 loads it and runs steps 3-4. Compared (gathered to full tensors): every weight, every ``e_score_correction_bias``,
@@ -58,6 +58,10 @@ def _optimizer(params):
     return torch.optim.AdamW(params, lr=LR, eps=EPS, weight_decay=0.01)
 
 
+def _scheduler(optimizer):  # a decaying LR: a resume that lost the scheduler state would use the wrong LR
+    return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.25, total_iters=STEPS)
+
+
 def _full(t):
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
@@ -91,6 +95,7 @@ def _one_process_loop() -> tuple[list[float], dict]:
     torch.manual_seed(0)
     model = Nemotron3ForCausalLM(_config()).float().train()
     opt = _optimizer(model.parameters())
+    sched = _scheduler(opt)
     dp, losses = 2, []
     for step in range(STEPS):
         ids, pos = _batch(step, 2 * dp, model.config.vocab_size)
@@ -102,6 +107,7 @@ def _one_process_loop() -> tuple[list[float], dict]:
             total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
         opt.step()
+        sched.step()
         opt.zero_grad()
         if step % BIAS_EVERY == 0:  # after steps 1 and 3: the checkpoint after step 2 holds pending loads
             model.update_expert_bias()
@@ -114,8 +120,9 @@ def _parallel_loop(accelerator, seed: int, steps: range, save: str | None = None
     model = Nemotron3ForCausalLM(_config()).float().train()
     par = prepare_nemotron3_parallel(model, Nemotron3ParallelConfig(**PARALLEL))
     ddp_model, opt = accelerator.prepare(par.model, _optimizer(param_groups_by_mesh(par.model.parameters())))
+    sched = _scheduler(opt.optimizer)
     if resume is not None:
-        assert par.load_sharded(resume, opt) == steps.start
+        assert par.load_sharded(resume, opt, scheduler=sched) == steps.start
     losses, local_tokens = [], None
     for step in steps:
         ids, pos = _batch(step, 2 * par.config.dp, model.config.vocab_size)
@@ -124,6 +131,7 @@ def _parallel_loop(accelerator, seed: int, steps: range, save: str | None = None
         accelerator.backward(out.loss)
         accelerator.clip_grad_norm_(ddp_model.parameters(), MAX_NORM)
         opt.step()
+        sched.step()
         opt.zero_grad()
         if step % BIAS_EVERY == 0:  # after steps 1 and 3: the checkpoint after step 2 holds pending loads
             par.sync_expert_load()
@@ -131,7 +139,7 @@ def _parallel_loop(accelerator, seed: int, steps: range, save: str | None = None
         losses.append(par.mean_loss(out.loss))
     pending = sum(int(m.expert_load is not None) for m in par.base.modules() if hasattr(m, "expert_load"))
     if save is not None:
-        par.save_sharded(save, opt, step=steps.stop)
+        par.save_sharded(save, opt, step=steps.stop, scheduler=sched)
     return losses, _snapshot(par.base, opt.optimizer), local_tokens, pending
 
 
