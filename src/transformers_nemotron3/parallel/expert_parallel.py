@@ -48,7 +48,7 @@ def is_expert_shard(param: torch.Tensor) -> bool:
 
 def _placements(mesh: DeviceMesh, grad: bool = False) -> tuple:
     """(Replicate over edp, Shard(0) over ep); for the gradient of the local compute: Partial over edp."""
-    return ((Partial() if grad else Replicate()), Shard(0)) if mesh.ndim == 2 else (Shard(0),)
+    return (Partial() if grad else Replicate()), Shard(0)
 
 
 def _sync_gradients() -> bool:
@@ -110,15 +110,15 @@ def _shard_full_expert_tensors(module, state_dict, prefix, *args) -> None:
 
 def apply_expert_parallel(model: nn.Module, expert_mesh: DeviceMesh | None = None, capacity_factor: float | None = None,
                           drop_policy: str = "probs", pad_to_capacity: bool = False) -> nn.Module:
-    """Shard experts over ``expert_mesh`` (``(edp, ep)`` from `Nemotron3ParallelConfig.build_meshes`, or a 1-D
-    ``("ep",)`` mesh; None = one process) and install all-to-all dispatchers, in place."""
+    """Shard experts over ``expert_mesh`` (the ``(edp, ep)`` mesh of `Nemotron3ParallelConfig.build_meshes`; None =
+    one process) and install all-to-all dispatchers, in place."""
     if expert_mesh is not None and not isinstance(expert_mesh, DeviceMesh):
-        raise ValueError(f"expert_mesh must be a DeviceMesh with an 'ep' dimension, got {type(expert_mesh).__name__}; "
+        raise ValueError(f"expert_mesh must be a DeviceMesh with dims ('edp', 'ep'), got {type(expert_mesh).__name__}; "
                          "use the expert mesh of Nemotron3ParallelConfig.build_meshes().")
-    if expert_mesh is not None and (expert_mesh.mesh_dim_names or ())[-1:] != ("ep",):
-        raise ValueError(f"expert_mesh has dims {expert_mesh.mesh_dim_names}; its last dim must be named 'ep' "
-                         "(e.g. ('edp', 'ep') from Nemotron3ParallelConfig.build_meshes()).")
-    ep_mesh = expert_mesh["ep"] if expert_mesh is not None and expert_mesh.ndim == 2 else expert_mesh
+    if expert_mesh is not None and tuple(expert_mesh.mesh_dim_names or ()) != ("edp", "ep"):
+        raise ValueError(f"expert_mesh has dims {expert_mesh.mesh_dim_names}; it must be ('edp', 'ep') (edp may be 1), "
+                         "as built by Nemotron3ParallelConfig.build_meshes().")
+    ep_mesh = expert_mesh["ep"] if expert_mesh is not None else None
     ep = ep_mesh.size() if ep_mesh is not None else 1
     layers = moe_layers(model)
     if ep > 1 and not layers:
