@@ -71,16 +71,19 @@ def _cp_run(rank, world, cp, ep, length, packed, mode="replicate", overrides=Non
     par.reduce_gradients()
     loss = par.mean_loss(out.loss)
     worst, name = 0.0, None
-    sharded = 0
+    sharded, expert_rows = 0, set()
     for n, p in par.base.named_parameters():
         sharded += is_expert_shard(p)
+        if is_expert_shard(p):
+            expert_rows.add(p.to_local().shape[0])  # experts held here: E/ep, or E/(ep*edp) under FSDP2
         g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad  # expert shards and FSDP2 shards
         n = n.replace("_fsdp_wrapped_module.", "")
         diff = float((g - ref_grads[n]).abs().max())
         if diff > worst:
             worst, name = diff, n
     return {"loss_diff": abs(loss - ref_loss), "grad_diff": worst, "worst": name,
-            "local_tokens": out.logits.shape[1], "sharded": sharded, "ep": ep}
+            "local_tokens": out.logits.shape[1], "sharded": sharded, "ep": ep,
+            "expert_rows": sorted(expert_rows), "mode": mode}
 
 
 def _many(rank, world, cp, ep, jobs):
@@ -110,4 +113,8 @@ def test_cp2_attention_and_mamba_equal_single_process():
 
 def test_cp2_x_ep2_folded_on_4_processes():
     jobs = {"len20_packed": (20, True), "len20_packed_fsdp2": (20, True, "shard")}
-    _check(run_processes(_many, 4, (2, 2, jobs), timeout=240))
+    results = run_processes(_many, 4, (2, 2, jobs), timeout=240)
+    _check(results)
+    experts = tiny_config("all_blocks").n_routed_experts
+    assert results[0]["len20_packed"]["expert_rows"] == [experts // 2]  # ep=2; replicated over edp
+    assert results[0]["len20_packed_fsdp2"]["expert_rows"] == [experts // 4]  # ep=2, then FSDP2 over edp=2

@@ -125,7 +125,7 @@ def prepare_nemotron3_parallel(model: nn.Module, config: Nemotron3ParallelConfig
               "edp": expert["edp"].get_group(), "ep": expert["ep"].get_group()}
     if config.ep > 1 or config.capacity_factor is not None:
         apply_expert_parallel(model, expert if config.ep > 1 else None, config.capacity_factor,
-                              config.drop_policy, config.pad_to_capacity)
+                              config.drop_policy, config.pad_to_capacity, fsdp=config.data_parallel_mode == "shard")
     wrapped = model
     if config.cp > 1:
         wrapped = ContextParallelLM(model, apply_context_parallel(model, groups["cp"]),
@@ -141,11 +141,13 @@ def prepare_nemotron3_parallel(model: nn.Module, config: Nemotron3ParallelConfig
 
 
 def _fully_shard_dense(model: nn.Module, device_type: str) -> None:
-    """FSDP2: shard every block and then the root over all ranks (dp x cp flattened), experts ignored.
+    """FSDP2: shard every block and then the root over all ranks (dp x cp flattened). The experts are already
+    their own FSDP2 units over the edp dim of the expert mesh (`apply_expert_parallel(fsdp=True)`), so the blocks'
+    units skip their parameters.
 
     FSDP2 reduce-scatters with a mean over all ranks, the same convention as DDP, so the CP loss scaling
-    and the expert shards' own reduction stay as they are. Do not pass the model to ``accelerator.prepare``
-    afterwards (Accelerate would wrap it in DDP); prepare only the optimizer.
+    stays as it is. Do not pass the model to ``accelerator.prepare`` afterwards (Accelerate would wrap it in DDP);
+    prepare only the optimizer.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -153,10 +155,9 @@ def _fully_shard_dense(model: nn.Module, device_type: str) -> None:
     from ..modeling.blocks import Nemotron3Block
 
     mesh = init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("dp_cp",))
-    ignored = {p for p in model.parameters() if is_expert_shard(p)} or None
     for block in [m for m in model.modules() if isinstance(m, Nemotron3Block)]:
-        fully_shard(block, mesh=mesh, ignored_params=ignored)
-    fully_shard(model, mesh=mesh, ignored_params=ignored)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 __all__ = ["prepare_nemotron3_parallel", "Nemotron3Parallel"]

@@ -59,20 +59,42 @@ def _sync_gradients() -> bool:
     return GradientState().sync_gradients
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale`` (see `LocalShardGemm`, FSDP2 experts)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
 class LocalShardGemm:
     """Wraps an experts ``gemm(x, weight, counts)`` seam: DTensor weights are handed over as the local shard.
 
     It also makes sure the expert parameter in use carries the gradient-reduction hook (`_reduce_expert_grad`):
     registered here, at the first forward of each parameter object, because moving a module (``model.to(device)``
     as Trainer / Accelerate do) may replace a DTensor parameter by a new object without the hooks of the old one.
+
+
+    With ``fsdp=True`` (``data_parallel_mode="shard"``) the weights are FSDP2-managed DTensors on the 1-D ep mesh:
+    FSDP2 unshards them over edp before the forward and reduce-scatters their gradients with a mean over edp; the
+    local gradient is scaled by ``1/ep`` so that the result is the mean over the world, as for every other
+    parameter (the all-to-all backward already summed the ep ranks' contributions). No hook then.
     """
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner, fsdp: bool = False, ep: int = 1) -> None:
         self.inner = inner
+        self.fsdp, self.ep = fsdp, ep
         self._hooked: dict[int, weakref.ref] = {}
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        if isinstance(weight, DTensor):
+        if isinstance(weight, DTensor) and self.fsdp:
+            weight = _ScaleGrad.apply(weight.to_local(), 1.0 / self.ep)
+        elif isinstance(weight, DTensor):
             self._ensure_hook(weight)
             weight = weight.to_local(grad_placements=_placements(weight.device_mesh, grad=True))
         return self.inner(x, weight, counts)
@@ -109,9 +131,10 @@ def _shard_full_expert_tensors(module, state_dict, prefix, *args) -> None:
 
 
 def apply_expert_parallel(model: nn.Module, expert_mesh: DeviceMesh | None = None, capacity_factor: float | None = None,
-                          drop_policy: str = "probs", pad_to_capacity: bool = False) -> nn.Module:
+                          drop_policy: str = "probs", pad_to_capacity: bool = False, fsdp: bool = False) -> nn.Module:
     """Shard experts over ``expert_mesh`` (the ``(edp, ep)`` mesh of `Nemotron3ParallelConfig.build_meshes`; None =
-    one process) and install all-to-all dispatchers, in place."""
+    one process) and install all-to-all dispatchers, in place. ``fsdp=True``: the experts are also FSDP2
+    ``fully_shard``-ed over the edp dim (torchtitan's EP + FSDP), which then reduces their gradients."""
     if expert_mesh is not None and not isinstance(expert_mesh, DeviceMesh):
         raise ValueError(f"expert_mesh must be a DeviceMesh with dims ('edp', 'ep'), got {type(expert_mesh).__name__}; "
                          "use the expert mesh of Nemotron3ParallelConfig.build_meshes().")
@@ -136,11 +159,16 @@ def apply_expert_parallel(model: nn.Module, expert_mesh: DeviceMesh | None = Non
                 if full is None:
                     continue
                 # every rank holds the same full tensor: take the local slice, no communication
-                shard = distribute_tensor(full.detach(), expert_mesh, _placements(expert_mesh), src_data_rank=None)
+                mesh, placements = (ep_mesh, (Shard(0),)) if fsdp else (expert_mesh, _placements(expert_mesh))
+                shard = distribute_tensor(full.detach(), mesh, placements, src_data_rank=None)
                 setattr(experts, name, nn.Parameter(shard, requires_grad=full.requires_grad))
             experts.num_experts = total // ep
-            experts.gemm = LocalShardGemm(experts.gemm)
+            experts.gemm = LocalShardGemm(experts.gemm, fsdp, ep)
             experts.register_load_state_dict_pre_hook(_shard_full_expert_tensors)
+            if fsdp:
+                from torch.distributed.fsdp import fully_shard
+
+                fully_shard(experts, mesh=expert_mesh["edp"])
         moe.dispatcher = AllToAllDispatcher(ep_mesh.get_group() if ep > 1 else None, capacity_factor, drop_policy,
                                             pad_to_capacity)
     return model
