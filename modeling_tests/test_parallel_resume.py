@@ -115,11 +115,16 @@ def _one_process_loop() -> tuple[list[float], dict]:
     return losses, _snapshot(model, opt)
 
 
-def _parallel_loop(accelerator, seed: int, steps: range, save: str | None = None, resume: str | None = None):
+def _parallel_loop(accelerator, mode: str, seed: int, steps: range, save: str | None = None,
+                   resume: str | None = None):
     torch.manual_seed(seed)
     model = Nemotron3ForCausalLM(_config()).float().train()
-    par = prepare_nemotron3_parallel(model, Nemotron3ParallelConfig(**PARALLEL))
-    ddp_model, opt = accelerator.prepare(par.model, _optimizer(param_groups_by_mesh(par.model.parameters())))
+    par = prepare_nemotron3_parallel(model, Nemotron3ParallelConfig(**PARALLEL, data_parallel_mode=mode))
+    opt = _optimizer(param_groups_by_mesh(par.model.parameters()))
+    if mode == "shard":  # FSDP2 already wraps the model: Accelerate prepares only the optimizer
+        ddp_model, opt = par.model, accelerator.prepare(opt)
+    else:
+        ddp_model, opt = accelerator.prepare(par.model, opt)
     sched = _scheduler(opt.optimizer)
     if resume is not None:
         assert par.load_sharded(resume, opt, scheduler=sched) == steps.start
@@ -143,15 +148,15 @@ def _parallel_loop(accelerator, seed: int, steps: range, save: str | None = None
     return losses, _snapshot(par.base, opt.optimizer), local_tokens, pending
 
 
-def _loop_ranks(rank, world, folder):
+def _loop_ranks(rank, world, folder, mode):
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
     ckpt = os.path.join(folder, "step-2")
-    full_losses, full_state, local_tokens, _ = _parallel_loop(accelerator, 0, range(STEPS))
-    first_losses, _, _, pending = _parallel_loop(accelerator, 0, range(STOP), save=ckpt)
+    full_losses, full_state, local_tokens, _ = _parallel_loop(accelerator, mode, 0, range(STEPS))
+    first_losses, _, _, pending = _parallel_loop(accelerator, mode, 0, range(STOP), save=ckpt)
     files = sorted(os.listdir(folder))
-    rest_losses, resumed_state, _, _ = _parallel_loop(accelerator, 7, range(STOP, STEPS), resume=ckpt)
+    rest_losses, resumed_state, _, _ = _parallel_loop(accelerator, mode, 7, range(STOP, STEPS), resume=ckpt)
     bad = None
     try:
         accelerator_model = Nemotron3ForCausalLM(_config()).float()
@@ -164,8 +169,10 @@ def _loop_ranks(rank, world, folder):
             "full": _numpy(full_state) if keep else None, "resumed": _numpy(resumed_state) if keep else None}
 
 
-def test_accelerate_loop_ep2_cp2_resume_equals_uninterrupted_and_one_process(tmp_path):
-    out = run_processes(_loop_ranks, 4, (str(tmp_path),), timeout=300)
+@pytest.mark.parametrize("mode", ["replicate", "shard"])
+def test_accelerate_loop_ep2_cp2_resume_equals_uninterrupted_and_one_process(tmp_path, mode):
+    """``replicate``: DDP for the dense part; ``shard``: FSDP2 for the dense blocks (world) and the experts (edp)."""
+    out = run_processes(_loop_ranks, 4, (str(tmp_path), mode), timeout=300)
     ref_losses, ref_state = _one_process_loop()
     r0 = out[0]
     assert r0["local_tokens"] == 12  # 23 -> 24 tokens over cp=2: the padding is in play
