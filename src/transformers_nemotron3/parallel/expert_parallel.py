@@ -17,7 +17,8 @@ Gradients: a post-accumulate-grad hook on each expert parameter (installed by `L
 replicated one (``DTensor.redistribute``: an all-reduce over edp) and divides by the world size, the same
 mean as DDP applies to the dense parameters. It runs when Accelerate says gradients sync
 (``GradientState.sync_gradients``: the last micro-batch of an accumulation, always in a plain loop), so
-gradient accumulation reduces once. Norms, clipping, optimizer state and checkpoints then come from torch's
+gradient accumulation reduces once. (With ``fsdp=True``, ``data_parallel_mode="shard"``, the shards are instead
+``Shard(0)`` on the ep sub-mesh and FSDP2 units over edp, which reduce them; see `LocalShardGemm`.) Norms, clipping, optimizer state and checkpoints then come from torch's
 DTensor support (``get_total_norm`` per mesh, ``torch.distributed.checkpoint``), nothing here tags tensors.
 """
 
