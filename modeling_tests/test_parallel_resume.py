@@ -9,7 +9,9 @@ Adam's ``exp_avg`` / ``exp_avg_sq`` / ``step``, the per-step losses.
 
 - plain Accelerate loop (`Nemotron3Parallel` helpers: ``save_sharded`` / ``load_sharded``); the bias update runs
   every 2 steps, so the checkpoint after step 2 holds per-rank router loads that the resumed run must add in;
-- `Nemotron3SFTTrainer` with ``save_strategy="steps"`` and ``train(resume_from_checkpoint=True)``.
+  once with DDP (``replicate``), once with FSDP2 for the dense blocks and the experts (``shard``);
+- `Nemotron3SFTTrainer` with ``save_strategy="steps"`` and ``train(resume_from_checkpoint=True)``, 2 micro-batches of
+  gradient accumulation per step (the expert shards reduce at the synced one only).
 """
 
 from __future__ import annotations
@@ -216,7 +218,8 @@ class _StopAt:
         return Stop()
 
 
-def _trainer(output_dir: str, per_device: int, parallel: dict | None, seed: int = 0, stop: int | None = None):
+def _trainer(output_dir: str, per_device: int, parallel: dict | None, seed: int = 0, stop: int | None = None,
+             accumulation: int = 1):
     from transformers_nemotron3.tokenizer import build_tiny_tokenizer
     from transformers_nemotron3.trainers import Nemotron3SFTConfig, Nemotron3SFTTrainer
 
@@ -225,7 +228,7 @@ def _trainer(output_dir: str, per_device: int, parallel: dict | None, seed: int 
     model = Nemotron3ForCausalLM(_config(vocab_size=len(tokenizer)))
     args = Nemotron3SFTConfig(
         output_dir=output_dir, use_cpu=True, bf16=False, max_steps=STEPS, report_to="none",
-        per_device_train_batch_size=per_device, learning_rate=LR, adam_epsilon=EPS, weight_decay=0.01,
+        per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation, learning_rate=LR, adam_epsilon=EPS, weight_decay=0.01,
         max_grad_norm=MAX_NORM, logging_steps=1, disable_tqdm=True, save_strategy="steps", save_steps=STOP,
         seed=0, assistant_only_loss=False, packing=False, train_sampling_strategy="sequential",
         dataloader_drop_last=True, expert_bias_update_rate=BIAS_RATE, parallel_config=parallel)
@@ -238,13 +241,15 @@ def _trainer_losses(trainer) -> list[float]:
 
 
 def _trainer_ranks(rank, world, folder):
-    full = _trainer(os.path.join(folder, "full"), 2, PARALLEL)
+    # 1 row per micro-batch, 2 micro-batches per step (dp=2: 4 rows per step, as the one-process batch of 4): the
+    # expert shards must reduce once, at the synced micro-batch
+    full = _trainer(os.path.join(folder, "full"), 1, PARALLEL, accumulation=2)
     full.train()
     full_state = _snapshot(full.nemotron3_parallel.base, full.optimizer)
-    first = _trainer(os.path.join(folder, "run"), 2, PARALLEL, stop=STOP)
+    first = _trainer(os.path.join(folder, "run"), 1, PARALLEL, stop=STOP, accumulation=2)
     first.train()
     ckpt_files = sorted(os.listdir(os.path.join(folder, "run", f"checkpoint-{STOP}")))
-    resumed = _trainer(os.path.join(folder, "run"), 2, PARALLEL, seed=7)  # other initial weights: the load matters
+    resumed = _trainer(os.path.join(folder, "run"), 1, PARALLEL, seed=7, accumulation=2)  # other initial weights
     resumed.train(resume_from_checkpoint=True)
     resumed_state = _snapshot(resumed.nemotron3_parallel.base, resumed.optimizer)
     keep = rank == 0
