@@ -35,26 +35,16 @@ class _Spy:
 
 @pytest.fixture
 def kernels(monkeypatch):
-    """The optional CPU kernels switched on for one test (behind a call-recording spy), off again afterwards.
-    They build with the machine's C++ compiler; without one the test skips and says why."""
-    from transformers_nemotron3 import cpu_kernels
-    from transformers_nemotron3.modeling import fast_ops
+    """The optional CPU kernels, built, behind a call-recording spy for one test (models switch them on with
+    ``enable_cpu_kernels(model)``). They build with the machine's C++ compiler; without one the test skips."""
+    from transformers_nemotron3.cpu_kernels import build
 
-    if not cpu_kernels.enable_cpu_kernels():
-        pytest.skip(f"CPU kernels unavailable here: {cpu_kernels.cpu_kernels_unavailable_reason()}")
-    spy = _Spy(torch.ops.nemotron3_cpu)
-    real_enable = cpu_kernels.enable_cpu_kernels
-
-    def enable(enabled: bool = True) -> bool:  # tests switch them on and off; "on" installs the spy
-        on = real_enable(enabled)
-        if on:
-            fast_ops.ops = spy
-        return on
-
-    monkeypatch.setattr(cpu_kernels, "enable_cpu_kernels", enable)
-    fast_ops.ops = spy
+    real = build.kernel_ops()
+    if real is None:
+        pytest.skip(f"CPU kernels unavailable here: {build.unavailable_reason()}")
+    spy = _Spy(real)
+    monkeypatch.setattr(build, "kernel_ops", lambda: spy)
     yield spy
-    real_enable(False)
 
 
 def pytest_configure(config):

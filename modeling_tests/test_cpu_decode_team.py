@@ -32,7 +32,7 @@ def _model(pattern: str = "M*E-ME", dtype: torch.dtype = torch.float32) -> Nemot
 
 def _continuation_logits(model, ids: torch.Tensor, prompt: int, step: int, on: bool) -> torch.Tensor:
     """Logits of ids[:, prompt:] fed ``step`` tokens per call after a prefill of ``prompt`` tokens."""
-    cpu_kernels.enable_cpu_kernels(on)
+    cpu_kernels.enable_cpu_kernels(model, on)
     with torch.inference_mode():
         cache = model(ids[:, :prompt], use_cache=True).past_key_values
         out = [model(ids[:, t : t + step], cache=cache, use_cache=True).logits for t in range(prompt, ids.shape[1], step)]
@@ -59,7 +59,7 @@ def test_forked_child_decodes(kernels):
     model = _model()
     ids = torch.randint(3, 96, (1, 16))
     expected = _continuation_logits(model, ids, 10, 1, False)
-    cpu_kernels.enable_cpu_kernels(True)
+    cpu_kernels.enable_cpu_kernels(model, True)
     with torch.inference_mode():
         cache = model(ids[:, :10], use_cache=True).past_key_values
         parent = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in (10, 11)]
@@ -139,7 +139,7 @@ torch.set_num_threads(2)
 case = torch.load({str(tmp_path / "case.pt")!r})
 model = Nemotron3ForCausalLM(tiny_config("all_blocks", hybrid_override_pattern="M*E-ME")).eval()
 model.load_state_dict(case["state"])
-assert cpu_kernels.enable_cpu_kernels()
+assert cpu_kernels.enable_cpu_kernels(model)
 ids = case["ids"]
 with torch.inference_mode():
     cache = model(ids[:, :10], use_cache=True).past_key_values

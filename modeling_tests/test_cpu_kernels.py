@@ -1,12 +1,14 @@
 """The optional CPU decode kernels (`transformers_nemotron3.cpu_kernels`) against the PyTorch paths.
 
 Each kernel is compared with the code it replaces: ``small_linear`` with ``F.linear`` (row counts
-around the 8-row groups, odd and unaligned sizes, bias), ``moe_relu2`` with the dispatcher +
-grouped-GEMM path (tokens sharing experts, latent MoE, shared expert), ``mamba_step`` with the
-mixer's PyTorch decode step (conv bias, dt limits, several groups; states updated alike), and
-whole-model cached decoding with the kernels on against off. The seams stay closed where they
-must: under autograd, for other dtypes, for gated experts and for plugin-replaced GEMMs. The
-kernels build with the machine's C++ compiler; without one these tests skip and say why.
+around the 8-row groups, odd and unaligned sizes, bias), ``moe_relu2`` (the ``"nemotron3_cpu"`` experts
+implementation) with the dispatcher + grouped-GEMM path (tokens sharing experts, latent MoE, shared expert),
+``mamba_step`` (the CPU sequence-mixer seam) with the mixer's PyTorch decode step (conv bias, dt limits,
+several groups; states updated alike), and whole-model cached decoding with the kernels on against off. The
+kernels are per model: a second model in the same process keeps its PyTorch paths, and saved checkpoints
+carry no kernel files. The seams stay closed where they must: under autograd, for other dtypes, for gated
+experts and for plugin-replaced GEMMs. The kernels build with the machine's C++ compiler; without one these
+tests skip and say why.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from tiny_configs import tiny_config
 
 from transformers_nemotron3 import Nemotron3ForCausalLM
 from transformers_nemotron3 import cpu_kernels
-from transformers_nemotron3.modeling import fast_ops
+from transformers_nemotron3.cpu_kernels import build, ops
 from transformers_nemotron3.modeling.cache import Nemotron3HybridCache
 from transformers_nemotron3.modeling.moe import Nemotron3MoE
 
@@ -54,30 +56,12 @@ def test_small_linear_bf16_equals_f_linear(kernels, rows, in_f, out_f, bias):
     torch.testing.assert_close(got, F.linear(x, w, b), atol=3e-2, rtol=1.6e-2)  # both round once to bf16
 
 
-def test_linear_uses_kernel_only_where_it_applies(kernels):
-    lin = torch.nn.Linear(32, 24)
-    x = torch.randn(3, 32)
-    calls = kernels.calls
-    calls.clear()
-    with torch.no_grad():
-        torch.testing.assert_close(fast_ops.linear(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias),
-                                   atol=1e-5, rtol=1e-5)
-    assert calls == ["small_linear"]
-    out = fast_ops.linear(x, lin.weight, lin.bias)  # autograd on: PyTorch path, gradients flow
-    assert out.grad_fn is not None and calls == ["small_linear"]
-    with torch.no_grad():
-        fast_ops.linear(torch.randn(fast_ops.MAX_ROWS + 1, 32), lin.weight, lin.bias)  # too many rows: MKL
-        half = lin.to(torch.float16)
-        fast_ops.linear(torch.randn(2, 32, dtype=torch.float16), half.weight, half.bias)  # a dtype the kernel skips
-    assert calls == ["small_linear"]
-
-
-def _moe_layer(name: str, **overrides) -> Nemotron3MoE:
+def _moe_layer(name: str, **overrides) -> tuple[Nemotron3ForCausalLM, Nemotron3MoE]:
     torch.manual_seed(3)
     model = Nemotron3ForCausalLM(tiny_config(name, **overrides)).eval()
     layer = next(m for m in model.modules() if isinstance(m, Nemotron3MoE))
     _randomize(layer, seed=4)
-    return layer
+    return model, layer
 
 
 @pytest.mark.parametrize("name", ["all_blocks", "latent_groups_mtp"])
@@ -85,13 +69,14 @@ def _moe_layer(name: str, **overrides) -> Nemotron3MoE:
 def test_moe_kernel_equals_dispatcher_path(kernels, name, tokens, monkeypatch):
     from transformers_nemotron3.modeling import moe as moe_module
 
-    layer = _moe_layer(name)
+    model, layer = _moe_layer(name)
     x = torch.randn(tokens, 1, layer.config.hidden_size)
+    assert cpu_kernels.enable_cpu_kernels(model) and model.config._experts_implementation == "nemotron3_cpu"
     with torch.no_grad():
-        assert fast_ops.fused_moe_relu2_applies(layer.experts, x.view(tokens, -1))
         fused = layer(x)
         assert "moe_relu2" in kernels.calls
-        cpu_kernels.enable_cpu_kernels(False)
+        cpu_kernels.enable_cpu_kernels(model, False)
+        assert model.config._experts_implementation == "eager"
         monkeypatch.setattr(moe_module, "FEW_ROUTES_MAX", 0)  # the sort / grouped GEMM / combine path
         ref = layer(x)
     torch.testing.assert_close(fused, ref, atol=2e-5, rtol=2e-5)
@@ -101,12 +86,14 @@ def test_moe_kernel_equals_dispatcher_path(kernels, name, tokens, monkeypatch):
 def test_moe_kernel_bf16_equals_dispatcher_path(kernels, tokens, monkeypatch):
     from transformers_nemotron3.modeling import moe as moe_module
 
-    layer = _moe_layer("all_blocks").to(torch.bfloat16)
+    model, layer = _moe_layer("all_blocks")
+    layer.to(torch.bfloat16)
     x = torch.randn(tokens, 1, layer.config.hidden_size).bfloat16()
+    cpu_kernels.enable_cpu_kernels(model)
     with torch.no_grad():
         fused = layer(x)
         assert "moe_relu2" in kernels.calls
-        cpu_kernels.enable_cpu_kernels(False)
+        cpu_kernels.enable_cpu_kernels(model, False)
         monkeypatch.setattr(moe_module, "FEW_ROUTES_MAX", 0)
         ref = layer(x)
     assert fused.dtype == ref.dtype == torch.bfloat16
@@ -114,19 +101,28 @@ def test_moe_kernel_bf16_equals_dispatcher_path(kernels, tokens, monkeypatch):
 
 
 def test_moe_kernel_skips_gated_experts_autograd_and_plugins(kernels):
+    """Where ``moe_relu2`` does not apply, the "nemotron3_cpu" experts run the eager forward: same results."""
     from transformers_nemotron3.modeling.moe import grouped_mm
 
-    gated = _moe_layer("all_blocks", moe_gated_experts=True, moe_expert_act="silu")
-    x = torch.randn(2, gated.config.hidden_size)
+    def run(model, layer, x, on):
+        cpu_kernels.enable_cpu_kernels(model, on)
+        kernels.calls.clear()
+        return layer(x), list(kernels.calls)
+
+    gated_model, gated = _moe_layer("all_blocks", moe_gated_experts=True, moe_expert_act="silu")
+    x = torch.randn(2, 1, gated.config.hidden_size)
     with torch.no_grad():
-        assert not fast_ops.fused_moe_relu2_applies(gated.experts, x)
-    layer = _moe_layer("all_blocks")
-    assert not fast_ops.fused_moe_relu2_applies(layer.experts, x)  # autograd on
+        (on, calls), (off, _) = run(gated_model, gated, x, True), run(gated_model, gated, x, False)
+    assert "moe_relu2" not in calls and torch.equal(on, off)
+    model, layer = _moe_layer("all_blocks")
+    on, calls = run(model, layer, x, True)  # autograd on
+    assert "moe_relu2" not in calls and on.grad_fn is not None
     with torch.no_grad():
-        assert fast_ops.fused_moe_relu2_applies(layer.experts, x)
-        assert not fast_ops.fused_moe_relu2_applies(layer.experts, torch.randn(fast_ops.MAX_MOE_TOKENS + 1, x.shape[1]))
+        many = torch.randn(ops.MAX_MOE_TOKENS + 1, 1, x.shape[-1])
+        assert "moe_relu2" not in run(model, layer, many, True)[1]
         layer.experts.gemm = lambda a, w, c: grouped_mm(a, w, c)  # a plugin's GEMM (e.g. NVFP4)
-        assert not layer.uses_default_paths()
+        (on, calls), (off, _) = run(model, layer, x, True), run(model, layer, x, False)
+    assert "moe_relu2" not in calls and torch.equal(on, off)
 
 
 @pytest.mark.parametrize("overrides,dtype", [({}, torch.float32),
@@ -154,7 +150,7 @@ def test_mamba_kernel_step_equals_pytorch_step(kernels, overrides, dtype, batch)
     outs = []
     with torch.no_grad():
         for on, cache in zip((True, False), caches):
-            cpu_kernels.enable_cpu_kernels(on)
+            cpu_kernels.enable_cpu_kernels(model, on)
             steps = [mixer(torch.randn(batch, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(8 + t)).to(dtype),
                            cache=cache) for t in range(3)]
             outs.append(torch.cat(steps, 1))
@@ -178,19 +174,22 @@ def test_cached_decode_with_kernels_equals_without(kernels, name, batch, dtype):
     logits, caches = [], []
     with torch.inference_mode():
         for on in (True, False):
-            cpu_kernels.enable_cpu_kernels(on)
+            cpu_kernels.enable_cpu_kernels(model, on)
             out = model(ids[:, :10], use_cache=True)
             cache = out.past_key_values
             caches.append(cache)
             steps = [model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1] for t in range(10, 16)]
             logits.append(torch.stack(steps, 1))
-        cpu_kernels.enable_cpu_kernels(True)
+        cpu_kernels.enable_cpu_kernels(model, True)
         greedy_on = model.generate(ids[:, :10], max_new_tokens=8, do_sample=False)
-        cpu_kernels.enable_cpu_kernels(False)
+        cpu_kernels.enable_cpu_kernels(model, False)
         greedy_off = model.generate(ids[:, :10], max_new_tokens=8, do_sample=False)
-    # whole decode steps run as one decode_step call; with latent MoE (not fused) each other block is one
-    # decode_step call and the MoE runs its module with the routed-expert kernel
-    assert "decode_step" in kernels.calls
+    # whole decode steps run as one decode_step call; with latent MoE (not in the whole step) the modules run,
+    # the Mamba steps and routed experts through their per-operation kernels
+    if name == "all_blocks":
+        assert "decode_step" in kernels.calls
+    else:
+        assert "decode_step" not in kernels.calls and {"mamba_step", "moe_relu2"} <= set(kernels.calls)
     plans = [entry[2] for entry in caches[0].decode_plans.values()]
     assert len(plans) == 1 and (plans[0] is not None) == (name == "all_blocks")
     if dtype == torch.float32:
@@ -202,35 +201,25 @@ def test_cached_decode_with_kernels_equals_without(kernels, name, batch, dtype):
 
 
 def test_enable_reports_failure_and_keeps_pytorch_paths(monkeypatch, caplog):
-    monkeypatch.setattr(cpu_kernels, "_load", lambda: False)
-    monkeypatch.setattr(cpu_kernels, "_REASON", "building them failed (no compiler)")
+    model = Nemotron3ForCausalLM(tiny_config("all_blocks")).eval()
+    monkeypatch.setattr(build, "_LOADED", False)
+    monkeypatch.setattr(build, "_REASON", "building them failed (no compiler)")
     with caplog.at_level("WARNING"):
-        assert cpu_kernels.enable_cpu_kernels() is False
-    assert fast_ops.ops is None and not cpu_kernels.cpu_kernels_enabled()
+        assert cpu_kernels.enable_cpu_kernels(model) is False
+    assert not cpu_kernels.cpu_kernels_enabled(model) and model.decode_backend is None
+    assert model.config._experts_implementation == "eager"
     assert "no compiler" in caplog.text
+    with pytest.raises(ValueError, match="Nemotron3ForCausalLM"):
+        cpu_kernels.enable_cpu_kernels(model.model)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 512), (3, 5, 100), (7, 16)])
 def test_rms_norm_kernel_equals_reference(kernels, shape):
     from transformers_nemotron3.modeling.blocks import rms_norm_reference
-    from transformers_nemotron3.modeling.norms import rms_norm
 
     gen = torch.Generator().manual_seed(11)
     x, w = torch.randn(*shape, generator=gen) * 3, torch.randn(shape[-1], generator=gen)
-    with torch.no_grad():
-        got = rms_norm(x, w, 1e-5)
-    assert kernels.calls == ["rms_norm"]
-    torch.testing.assert_close(got, rms_norm_reference(x, w, 1e-5), atol=1e-5, rtol=1e-5)
-    assert rms_norm(x.requires_grad_(), w, 1e-5).grad_fn is not None and kernels.calls == ["rms_norm"]
-
-
-def test_router_logits_use_small_linear(kernels):
-    layer = _moe_layer("all_blocks")
-    x = torch.randn(2, layer.config.hidden_size)
-    with torch.no_grad():
-        logits = layer.gate(x)[0]
-    assert "small_linear" in kernels.calls
-    torch.testing.assert_close(logits, F.linear(x, layer.gate.weight), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5), atol=1e-5, rtol=1e-5)
 
 
 def test_speculative_rollback_with_kernels_equals_recompute(kernels):
@@ -242,9 +231,8 @@ def test_speculative_rollback_with_kernels_equals_recompute(kernels):
     ids = torch.randint(3, 96, (1, 14))
     wrong = torch.randint(3, 96, (1, 2))
     with torch.inference_mode():
-        cpu_kernels.enable_cpu_kernels(False)
         full = model(ids, use_cache=False).logits
-        cpu_kernels.enable_cpu_kernels(True)
+        cpu_kernels.enable_cpu_kernels(model, True)
         out = model(ids[:, :10], use_cache=True)
         cache = out.past_key_values
         cache.start_recording()
@@ -259,15 +247,36 @@ def test_speculative_rollback_with_kernels_equals_recompute(kernels):
     torch.testing.assert_close(rest, full[:, 12:14], atol=1e-4, rtol=1e-4)
 
 
-def test_environment_variable_switches_kernels_on(kernels):
-    import subprocess
-    import sys
+def test_two_models_in_one_process_and_saved_code_without_kernels(kernels, tmp_path):
+    """Kernels on one model leave another (same weights) on its PyTorch paths; both decode to their reference,
+    and the kernel model saves exactly what the plain one does: model files only, no experts implementation."""
+    import json
+    import os
 
-    code = "import transformers_nemotron3 as t; print(t.cpu_kernels_enabled())"
-    env = {**__import__("os").environ, "NEMOTRON3_CPU_KERNELS": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "True"
+    torch.manual_seed(14)
+    with_kernels = Nemotron3ForCausalLM(tiny_config("all_blocks")).eval()
+    _randomize(with_kernels, std=0.08, seed=15)
+    plain = Nemotron3ForCausalLM(tiny_config("all_blocks")).eval()
+    plain.load_state_dict(with_kernels.state_dict())
+    ids = torch.randint(3, 96, (2, 14))
+    with torch.inference_mode():
+        reference = plain.generate(ids, max_new_tokens=6, do_sample=False)
+        assert cpu_kernels.enable_cpu_kernels(with_kernels)
+        kernels.calls.clear()
+        fast = with_kernels.generate(ids, max_new_tokens=6, do_sample=False)
+        assert "decode_step" in kernels.calls
+        kernels.calls.clear()
+        again = plain.generate(ids, max_new_tokens=6, do_sample=False)
+        assert kernels.calls == []  # the other model never touched the kernels
+    assert torch.equal(fast, reference) and torch.equal(again, reference)
+    assert not cpu_kernels.cpu_kernels_enabled(plain) and plain.config._experts_implementation == "eager"
+    for name, model in (("on", with_kernels), ("off", plain)):
+        model.save_pretrained(tmp_path / name)
+    files = {name: sorted(f for f in os.listdir(tmp_path / name) if f.endswith(".py")) for name in ("on", "off")}
+    assert files["on"] == files["off"] and files["on"]
+    assert not any("fast_ops" in f or "fused" in f or "kernel" in f for f in files["on"])
+    saved = json.loads((tmp_path / "on" / "config.json").read_text())
+    assert "nemotron3_cpu" not in json.dumps(saved)
 
 
 def test_cli_builds_and_checks_kernels(kernels, monkeypatch, capsys):
@@ -275,7 +284,7 @@ def test_cli_builds_and_checks_kernels(kernels, monkeypatch, capsys):
 
     assert main(["cpu-kernels"]) == 0
     assert "CPU kernels ready" in capsys.readouterr().out
-    monkeypatch.setattr(cpu_kernels, "_load", lambda: False)
-    monkeypatch.setattr(cpu_kernels, "_REASON", "building them failed (no compiler)")
+    monkeypatch.setattr(build, "kernel_ops", lambda: None)
+    monkeypatch.setattr(build, "_REASON", "building them failed (no compiler)")
     assert main(["cpu-kernels"]) == 1
     assert "no compiler" in capsys.readouterr().out

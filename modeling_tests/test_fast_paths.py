@@ -137,22 +137,26 @@ def test_moe_few_routes_decode_path_equals_dispatcher_path(name, overrides, toke
     for p in layer.parameters():  # random (not init-zero) weights everywhere
         p.data.normal_(0.0, 0.1)
     x = torch.randn(tokens, 1, model.config.hidden_size)
+    taken = []
+    real = moe_module.routed_few_tokens
+    monkeypatch.setattr(moe_module, "routed_few_tokens", lambda *a: taken.append(1) or real(*a))
     with torch.no_grad():
-        assert layer.use_few_routes_path(torch.zeros(tokens, layer.gate.top_k, dtype=torch.long))
         fast = layer(x)
+        assert taken == [1]
         monkeypatch.setattr(moe_module, "FEW_ROUTES_MAX", 0)
         ref = layer(x)
+        assert taken == [1]
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
-    monkeypatch.undo()
+    monkeypatch.setattr(moe_module, "FEW_ROUTES_MAX", 8)
     # seams replaced by plugins (NVFP4 GEMM, EP dispatcher) or autograd switch the fast path off
-    idx = torch.zeros(1, layer.gate.top_k, dtype=torch.long)
-    assert not layer.use_few_routes_path(idx)  # grad enabled here
+    layer(x[:1])  # grad enabled here
     with torch.no_grad():
         layer.experts.gemm = lambda x, w, c: grouped_mm(x, w, c)
-        assert not layer.use_few_routes_path(idx)
+        layer(x[:1])
         layer.experts.gemm = grouped_mm
         layer.dispatcher = type("Other", (moe_module.LocalDispatcher,), {})()
-        assert not layer.use_few_routes_path(idx)
+        layer(x[:1])
+    assert taken == [1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -123,14 +123,15 @@ def stream_bandwidth(threads: int, megabytes: int = 768) -> float:
     """GB/s of matrix-vector products streaming ``megabytes`` of fp32 weights from memory (this machine's
     ceiling for batch-1 decode, where every weight is read once per token): the faster of MKL's GEMV and,
     when enabled, the package's few-row kernel."""
-    from transformers_nemotron3.modeling import fast_ops
+    from transformers_nemotron3.cpu_kernels import build
 
     torch.set_num_threads(threads)
     mats = [torch.randn(4096, 1024) for _ in range(megabytes // 16)]
     x = torch.randn(1, 1024)
     products = [torch.nn.functional.linear]
-    if fast_ops.ops is not None:
-        products.append(lambda a, w: fast_ops.ops.small_linear(a, w, None))
+    ops = build.kernel_ops()
+    if ops is not None:
+        products.append(lambda a, w: ops.small_linear(a, w, None))
     best = 0.0
     for product in products:
         for m in mats:  # touch once
@@ -165,7 +166,7 @@ def run(args) -> dict:
     print(f"  native experts implementation: {impl}")
     from transformers_nemotron3 import enable_cpu_kernels
 
-    kernels = device == "cpu" and args.cpu_kernels == "on" and enable_cpu_kernels()
+    kernels = device == "cpu" and args.cpu_kernels == "on" and enable_cpu_kernels(ours)
     print(f"  CPU decode kernels: {'on (ours), off (ours_pytorch)' if kernels else 'off'}")
     # name -> (model, CPU kernels on while it runs)
     models = {"ours": (ours, kernels), "native": (native, False)}
@@ -178,13 +179,9 @@ def run(args) -> dict:
 
     def call(name: str, fn):
         model, on = models[name]
-        if kernels:
-            enable_cpu_kernels(on)
-        try:
-            return fn(model)
-        finally:
-            if kernels:
-                enable_cpu_kernels(True)
+        if kernels and model is ours:  # the kernels are per model: only `ours` switches
+            enable_cpu_kernels(ours, on)
+        return fn(model)
 
     def measure(label: str, fn, work: float) -> None:
         times = {name: [] for name in models}

@@ -97,7 +97,7 @@ def main(argv=None) -> None:
     if args.cpu_kernels:
         from transformers_nemotron3 import enable_cpu_kernels
 
-        print(f"  CPU decode kernels: {'on' if enable_cpu_kernels() else 'unavailable'}")
+        print(f"  CPU decode kernels: {'on' if enable_cpu_kernels(model) else 'unavailable'}")
 
     prompts = [corpus(1, 16, vocab, 0.0, perm, gen) for _ in range(args.prompts)]
     results = {"train": log, "train_seconds": time.perf_counter() - t0, "acceptance": {}, "decode": {}}

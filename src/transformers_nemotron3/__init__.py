@@ -3,7 +3,6 @@
 Importing the package registers ``model_type="nemotron3"`` with transformers' Auto classes.
 """
 
-import os as _os
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -32,9 +31,6 @@ Nemotron3PreTrainedModel.hub_uploader = staticmethod(_publish_saved)
 AutoConfig.register("nemotron3", Nemotron3Config, exist_ok=True)
 AutoModel.register(Nemotron3Config, Nemotron3Model, exist_ok=True)
 AutoModelForCausalLM.register(Nemotron3Config, Nemotron3ForCausalLM, exist_ok=True)
-
-if _os.environ.get("NEMOTRON3_CPU_KERNELS", "").strip().lower() in ("1", "true", "on", "yes"):
-    enable_cpu_kernels()  # opt-in for scripts that cannot call it (e.g. under `accelerate launch`)
 
 __all__ = [
     "Nemotron3Config",

@@ -187,7 +187,9 @@ void moe_relu2_impl(const at::Tensor& x, const at::Tensor& up, const at::Tensor&
 
 // One Mamba-2 decode step after in_proj. zxbcdt [b, d_inner + conv_dim + h] (z | x B C | dt);
 // conv_state [b, conv_dim, K] and ssm [b, h, p, n] (fp32) are updated in place; returns the gated,
-// group-normed y [b, d_inner] (input of out_proj). A = -exp(A_log) [h]; dt = clamp(softplus(dt + dt_bias), lo, hi).
+// group-normed y [b, d_inner] (input of out_proj). Without norm_w (undefined) the input is [b, conv_dim + h]
+// (x B C | dt, no z) and the result is the scan output y + D x before gate and norm, float32 [b, d_inner]
+// (the `sequence_mixer` seam of the mixer: the gated norm then runs in PyTorch). A = -exp(A_log) [h]; dt = clamp(softplus(dt + dt_bias), lo, hi).
 // zxbcdt, conv_state and the result share a dtype, float32 or bfloat16; with bfloat16 the conv output, its
 // bias add and SiLU are rounded to bf16 as the PyTorch step does; everything after runs in fp32 there too.
 template <typename T>
@@ -197,12 +199,15 @@ at::Tensor mamba_step_impl(const at::Tensor& zxbcdt, at::Tensor& conv_state, con
                            double dt_lo, double dt_hi) {
   const int64_t B = ssm.size(0), Hh = ssm.size(1), P = ssm.size(2), N = ssm.size(3);
   const int64_t d_inner = Hh * P, C = conv_state.size(1), K = conv_state.size(2), G = n_groups;
-  TORCH_CHECK(C == d_inner + 2 * G * N && zxbcdt.size(-1) == d_inner + C + Hh && Hh % G == 0,
+  const bool gated = norm_w.defined();
+  const int64_t z_width = gated ? d_inner : 0;
+  TORCH_CHECK(C == d_inner + 2 * G * N && zxbcdt.size(-1) == z_width + C + Hh && Hh % G == 0,
               "nemotron3_cpu.mamba_step: shapes do not match (conv_dim ", C, ", heads ", Hh, ", groups ", G, ")");
   TORCH_CHECK(conv_w.numel() == C * K, "nemotron3_cpu.mamba_step: conv weight has ", conv_w.numel(), " elements");
   const at::Tensor in = zxbcdt.reshape({B, -1}).contiguous();
   const Floats w(conv_w), cb(conv_b), dtb(dt_bias), Dc(D), nw(norm_w);
-  at::Tensor out = at::empty({B, d_inner}, zxbcdt.options());
+  at::Tensor out = at::empty({B, d_inner}, gated ? zxbcdt.options() : zxbcdt.options().dtype(at::kFloat));
+  float* yout = gated ? nullptr : out.data_ptr<float>();
   const int64_t row = in.size(1), heads_per_group = Hh / G, group_width = heads_per_group * P;
   const T* inp = in.data_ptr<T>();
   const float* wp = w.get();
@@ -212,7 +217,7 @@ at::Tensor mamba_step_impl(const at::Tensor& zxbcdt, at::Tensor& conv_state, con
   const float* nwp = nw.get();
   T* csp = conv_state.data_ptr<T>();
   float* sp = ssm.data_ptr<float>();
-  T* op = out.data_ptr<T>();
+  T* op = gated ? out.data_ptr<T>() : nullptr;
   const float lo = static_cast<float>(dt_lo), hi = static_cast<float>(dt_hi);
   const T* tag = nullptr;  // selects round_like's rounding for T
 
@@ -221,7 +226,7 @@ at::Tensor mamba_step_impl(const at::Tensor& zxbcdt, at::Tensor& conv_state, con
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t b = u / G, g = u % G;
       const T* zrow = inp + b * row;
-      const T* xbc = zrow + d_inner;
+      const T* xbc = zrow + z_width;
       const T* dtrow = xbc + C;
       // conv window shift + depthwise conv + SiLU for this group's x, B and C channels
       auto conv = [&](int64_t c) {
@@ -256,12 +261,17 @@ at::Tensor mamba_step_impl(const at::Tensor& zxbcdt, at::Tensor& conv_state, con
             y += v * Cs[n];
           }
           y += Dp[h] * xv;
+          if (!gated) {
+            yout[b * d_inner + h * P + p] = y;
+            continue;
+          }
           const float z = static_cast<float>(zrow[h * P + p]);
           y *= z / (1.f + std::exp(-z));  // gate: y * silu(z)
           ys[hh * P + p] = y;
           sumsq += y * y;
         }
       }
+      if (!gated) continue;
       const float inv = 1.f / std::sqrt(sumsq / static_cast<float>(group_width) + static_cast<float>(eps));
       const float* wrow = nwp + g * group_width;
       T* orow = op + b * d_inner + g * group_width;
@@ -540,10 +550,10 @@ at::Tensor small_linear_op(const at::Tensor& x, const at::Tensor& weight, const 
 
 at::Tensor mamba_step_op(const at::Tensor& zxbcdt, at::Tensor conv_state, const at::Tensor& conv_w,
                          const c10::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,
-                         const at::Tensor& D, at::Tensor ssm, const at::Tensor& norm_w, int64_t n_groups, double eps,
-                         double dt_lo, double dt_hi) {
-  return nemotron3::mamba_step(zxbcdt, conv_state, conv_w, conv_b, dt_bias, A, D, ssm, norm_w, n_groups, eps, dt_lo,
-                               dt_hi);
+                         const at::Tensor& D, at::Tensor ssm, const c10::optional<at::Tensor>& norm_w,
+                         int64_t n_groups, double eps, double dt_lo, double dt_hi) {
+  return nemotron3::mamba_step(zxbcdt, conv_state, conv_w, conv_b, dt_bias, A, D, ssm,
+                               norm_w.has_value() ? *norm_w : at::Tensor(), n_groups, eps, dt_lo, dt_hi);
 }
 
 at::Tensor rms_norm_op(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -556,7 +566,7 @@ TORCH_LIBRARY(nemotron3_cpu, m) {
   m.def("small_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("moe_relu2(Tensor x, Tensor up, Tensor down, Tensor topk_idx, Tensor weights, Tensor(a!) acc) -> Tensor(a!)");
   m.def("mamba_step(Tensor zxbcdt, Tensor(a!) conv_state, Tensor conv_w, Tensor? conv_b, Tensor dt_bias, Tensor A, "
-        "Tensor D, Tensor(b!) ssm, Tensor norm_w, int n_groups, float eps, float dt_lo, float dt_hi) -> Tensor");
+        "Tensor D, Tensor(b!) ssm, Tensor? norm_w, int n_groups, float eps, float dt_lo, float dt_hi) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("has_avx512() -> bool", nemotron3::has_avx512);
 }

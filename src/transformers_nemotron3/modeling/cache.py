@@ -247,8 +247,8 @@ class Nemotron3HybridCache(Cache):
             else:
                 layers.append(DummyLayer())
         super().__init__(layers=layers)
-        # per model: (kernels, dtype, fused decode plan or None), see fused_decode.cached_plan; bound to this
-        # cache's states, so copies and pickles of the cache start without them
+        # per model: whatever a decode backend keeps for this cache (the CPU kernels: their decode plan); bound to
+        # this cache's states, so copies and pickles of the cache start without them
         self.decode_plans: dict = {}
         self._record_start: int | None = None
 

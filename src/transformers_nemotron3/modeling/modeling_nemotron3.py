@@ -27,9 +27,8 @@ from .blocks import Nemotron3Block, Nemotron3RMSNorm
 from .cache import Nemotron3HybridCache, seq_length
 from .checkpoint_layout import load_official_state_dict_hook
 from .configuration_nemotron3 import Nemotron3Config
-from .fused_decode import cached_plan, decode_ready, fits
 from .mamba2 import GatedRMSNorm, Nemotron3Mamba2Mixer
-from .moe import Nemotron3Experts, Nemotron3MoE, Nemotron3Router
+from .moe import Nemotron3Experts, Nemotron3MoE, Nemotron3Router, keeps_seams
 from .mtp import Nemotron3MTP
 
 try:  # transformers >= 5.24 names the generation cache `cache`; earlier 5.x releases `past_key_values`
@@ -156,7 +155,7 @@ class Nemotron3PreTrainedModel(PreTrainedModel):
         asked for; SwiGLU experts (``moe_gated_experts``) run eagerly only."""
         if requested_experts is None:
             return "eager"
-        if requested_experts != "eager" and getattr(self.config, "moe_gated_experts", False):
+        if not keeps_seams(requested_experts) and getattr(self.config, "moe_gated_experts", False):
             raise ValueError(
                 f"experts_implementation={requested_experts!r} needs transformers' fused gate_up layout; this model's "
                 "SwiGLU experts (moe_gated_experts=True) keep separate gate/up weights and run with 'eager'."
@@ -345,10 +344,6 @@ class Nemotron3Model(Nemotron3PreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if not recording:
-            fused = self.fused_decode(input_ids, inputs_embeds, attention_mask, cache, seq_idx)
-            if fused is not None:
-                return self._output(fused[0], cache if use_cache else None)
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)
         if use_cache and cache is None:
@@ -378,32 +373,6 @@ class Nemotron3Model(Nemotron3PreTrainedModel):
             last_hidden_state=hidden, **{CACHE_FIELD: cache}, aux_loss=torch.stack(aux).sum() if aux else None,
         )
 
-    def fused_decode(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
-                     attention_mask: torch.Tensor | None, cache: Nemotron3HybridCache | None,
-                     seq_idx: torch.Tensor | None = None, lm_head: nn.Module | None = None):
-        """A cached decode step through the CPU kernels in one call: (hidden after the final norm, fp32 logits
-        of ``lm_head`` or None) for one token per sequence, or for a few while the Mamba states record
-        (speculative verification); None where it does not apply (kernels off, autograd, padding, a block the
-        kernels do not cover, ...), and the modules run instead."""
-        x = input_ids if input_ids is not None else inputs_embeds
-        dtype = self.embeddings.weight.dtype if input_ids is not None else inputs_embeds.dtype
-        if (not isinstance(cache, Nemotron3HybridCache) or seq_idx is not None or self.training
-                or x.dim() != (2 if input_ids is not None else 3) or not decode_ready(x, dtype)
-                or not cache.seen_tokens
-                or (attention_mask is not None and not bool(attention_mask.all()))
-                or type(self.norm_f) is not Nemotron3RMSNorm
-                or (input_ids is not None and type(self.embeddings) is not nn.Embedding)
-                or (lm_head is not None and not fits(dtype, lm_head))):
-            return None
-        plan = cached_plan(self, self.layers, cache, dtype, (lm_head.weight,) if lm_head is not None else ())
-        if plan is None or not plan.applies(x.shape[1]):
-            return None
-        if input_ids is not None:
-            _, hidden, logits = plan.run(self.embeddings.weight, input_ids, self.norm_f, lm_head)
-        else:
-            _, hidden, logits = plan.run(inputs_embeds, None, self.norm_f, lm_head)
-        return hidden, logits
-
 
 def check_cache(cache) -> None:
     """Reject caches the model cannot use, naming the fix (rather than computing with them wrongly)."""
@@ -426,6 +395,11 @@ class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
     # tied only when config.tie_word_embeddings is true (the official checkpoints are untied)
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
+    # Seam for whole-step decoding backends (None: the modules run). Called on a plain cached inference step as
+    # ``decode_backend(model, input_ids, inputs_embeds, attention_mask, cache, seq_idx)`` -> (hidden after the
+    # final norm, fp32 logits) or None, and by the MTP head as ``decode_backend.mtp_blocks(mtp, x, cache,
+    # mask_args)``. The package's CPU kernels install one per model (`enable_cpu_kernels(model)`).
+    decode_backend = None
 
     def __init__(self, config: Nemotron3Config) -> None:
         super().__init__(config)
@@ -480,10 +454,10 @@ class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
         recording = any(kwargs.get(f"output_{k}", getattr(self.config, f"output_{k}", False))
                         for k in ("hidden_states", "attentions"))
         wants_loss = labels is not None or loss_kwargs.get("shift_labels") is not None
-        if (not wants_loss and not recording and isinstance(logits_to_keep, int) and logits_to_keep <= 1
-                and use_cache is not False):
-            fused = self.model.fused_decode(input_ids, inputs_embeds, attention_mask, cache, seq_idx, self.lm_head)
-            if fused is not None:  # a decode step through the CPU kernels
+        if (self.decode_backend is not None and not wants_loss and not recording and isinstance(logits_to_keep, int)
+                and logits_to_keep <= 1 and use_cache is not False):
+            fused = self.decode_backend(self, input_ids, inputs_embeds, attention_mask, cache, seq_idx)
+            if fused is not None:  # a whole decode step through the backend (e.g. the CPU kernels' CpuDecoder)
                 hidden, logits = fused
                 if logits_to_keep == 1 and logits.shape[1] > 1:
                     logits = logits[:, -1:]
@@ -549,7 +523,7 @@ class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
         if self.mtp is None:
             raise ValueError("This model has no MTP head (`num_nextn_predict_layers` is 0).")
         out_hidden, normed = self.mtp(hidden, self.model.embeddings(next_token_ids), cache=cache,
-                                      mask_args=mask_args)
+                                      mask_args=mask_args, decode_backend=self.decode_backend)
         return self.lm_head(normed).float(), out_hidden
 
     # ------------------------------------------------------------------ MoE training hooks

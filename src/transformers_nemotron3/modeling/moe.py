@@ -21,12 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fast_ops import fused_moe_relu2, fused_moe_relu2_applies, linear, relu2_experts_fit
-from .fused_decode import SCORE_FUNCTIONS, fits, moe_block
-
 try:
-    from transformers.integrations.moe import use_experts_implementation
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation
 except ImportError:  # pragma: no cover - older transformers: experts run eagerly
+    ALL_EXPERTS_FUNCTIONS = {}
+
     def use_experts_implementation(cls=None, **_):
         return cls if cls is not None else (lambda c: c)
 
@@ -87,7 +86,8 @@ class Nemotron3Experts(nn.Module):
     ``config._experts_implementation`` picks the kernel (``from_pretrained(..., experts_implementation=...)`` or
     ``model.set_experts_implementation(...)``): ``"eager"`` (this package's default) runs `forward` below, i.e. the
     ``dispatcher`` and ``gemm`` seams; transformers' ``"grouped_mm"`` / ``"batched_mm"`` run its own kernels on the
-    same weights (non-gated experts only).
+    same weights (non-gated experts only); an implementation marked ``keeps_seams`` (the package's CPU kernels,
+    ``"nemotron3_cpu"``) falls back to this forward wherever it does not apply.
     """
 
     def __init__(self, config, width: int | None = None) -> None:
@@ -109,7 +109,14 @@ class Nemotron3Experts(nn.Module):
         return self.act_fn
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """``hidden_states`` [T, width], routing [T, k] -> weighted sum of each token's experts, float32 [T, width]."""
+        """``hidden_states`` [T, width], routing [T, k] -> weighted sum of each token's experts, float32 [T, width].
+
+        A handful of routes without autograd (batch-1 decode) run each chosen expert directly (`routed_few_tokens`);
+        otherwise the ``dispatcher`` sorts token copies by expert for the grouped ``gemm``."""
+        if (top_k_index.numel() <= FEW_ROUTES_MAX and not torch.is_grad_enabled() and self.gemm is grouped_mm
+                and type(self.dispatcher) is LocalDispatcher):
+            acc = hidden_states.new_zeros(hidden_states.shape, dtype=torch.float32)
+            return routed_few_tokens(self, hidden_states, top_k_weights, top_k_index, acc)
         x_sorted, counts, ctx = self.dispatcher.dispatch(hidden_states, top_k_index, top_k_weights,
                                                          self.global_num_experts)
         return self.dispatcher.combine(self.apply_sorted(x_sorted, counts), top_k_weights, ctx,
@@ -125,6 +132,12 @@ class Nemotron3Experts(nn.Module):
 def experts_implementation(experts: nn.Module) -> str:
     """The experts kernel the config selects (``"eager"`` when unset)."""
     return getattr(getattr(experts, "config", None), "_experts_implementation", None) or "eager"
+
+
+def keeps_seams(implementation: str) -> bool:
+    """Whether this experts implementation runs the layer's ``dispatcher`` / ``gemm`` seams (``"eager"``, or a
+    registered function marked ``keeps_seams``, which falls back to the eager forward where it does not apply)."""
+    return implementation == "eager" or bool(getattr(ALL_EXPERTS_FUNCTIONS.get(implementation), "keeps_seams", False))
 
 
 FEW_ROUTES_MAX = 8  # decode fast path: at most this many (token, expert) pairs per forward
@@ -195,7 +208,7 @@ class Nemotron3Router(nn.Module):
 
         ``token_mask`` [T] (bool, True = real token) limits the training-time ``expert_load`` count to real
         tokens; every token is routed either way."""
-        logits = linear(x.float(), self.weight.float())
+        logits = F.linear(x.float(), self.weight.float())
         if self.score_function == "sigmoid":
             scores = logits.sigmoid()
         elif self.score_function == "softmax":
@@ -334,33 +347,15 @@ class Nemotron3MoE(nn.Module):
             if self.training and self.config.moe_aux_loss_coef > 0 else None
         )
         routed_in = self.fc1_latent_proj(x) if self.fc1_latent_proj is not None else x
-        if self.uses_default_paths():
-            if fused_moe_relu2_applies(self.experts, routed_in):  # CPU kernel
-                return self._forward_accumulated(hidden_states, routed_in, weights, topk_idx, fused_moe_relu2)
-            if self.use_few_routes_path(topk_idx):  # few tokens without autograd: each route directly
-                return self._forward_accumulated(hidden_states, routed_in, weights, topk_idx, routed_few_tokens)
-        elif isinstance(self.experts, Nemotron3Experts) and experts_implementation(self.experts) != "eager" and (
+        impl = experts_implementation(self.experts)
+        if isinstance(self.experts, Nemotron3Experts) and not keeps_seams(impl) and (
                 self.experts.gate_proj is not None or self.experts.gemm is not grouped_mm
                 or type(self.experts.dispatcher) is not LocalDispatcher):
             raise ValueError(
-                f"experts_implementation={experts_implementation(self.experts)!r} would bypass this layer's SwiGLU "
-                "experts or the dispatcher / GEMM a plugin installed (expert parallelism, NVFP4); use "
-                "experts_implementation='eager'."
+                f"experts_implementation={impl!r} would bypass this layer's SwiGLU experts or the dispatcher / GEMM a "
+                "plugin installed (expert parallelism, NVFP4); use experts_implementation='eager'."
             )
         return self._finish(self.experts(routed_in, topk_idx, weights), hidden_states)
-
-    def fused_decode_block(self, norm: nn.Module, dtype: torch.dtype):
-        """This block's part of a fused decode plan (`fused_decode.FusedBlock`, ``h + self(norm(h))`` in the
-        CPU kernels' decode step: default router, dispatcher and GEMM, relu^2 experts at full width, relu^2 MLP
-        or no shared expert), or None where that does not apply."""
-        shared, gate, experts = self.shared_experts, self.gate, self.experts
-        if (self.training or self.fc1_latent_proj is not None or type(gate) is not Nemotron3Router
-                or gate.score_function not in SCORE_FUNCTIONS or not self.uses_default_paths()
-                or not relu2_experts_fit(experts, dtype)
-                or (shared is not None and not (type(shared) is Nemotron3MLP and shared.act is _relu2
-                                                and fits(dtype, shared.up_proj, shared.down_proj)))):
-            return None
-        return moe_block(norm, self)
 
     def _finish(self, routed: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """Routed sum (float32, [T, width]) -> back to hidden width and dtype, plus the shared expert."""
@@ -372,28 +367,8 @@ class Nemotron3MoE(nn.Module):
             routed = routed + self.shared_experts(hidden_states)
         return routed
 
-    def uses_default_paths(self) -> bool:
-        """Whether the routed experts run this package's default kernels: eager implementation, default dispatcher and
-        GEMM, not wrapped (plugins and adapters that swap them keep their paths)."""
-        experts = self.experts
-        return (type(experts) is Nemotron3Experts and experts.gemm is grouped_mm
-                and type(experts.dispatcher) is LocalDispatcher and experts_implementation(experts) == "eager")
-
-    def use_few_routes_path(self, topk_idx: torch.Tensor) -> bool:
-        """Decode fast path: few routes, no gradient, and the default dispatcher and GEMM (plugins keep theirs)."""
-        return topk_idx.numel() <= FEW_ROUTES_MAX and not torch.is_grad_enabled() and self.uses_default_paths()
-
-    def _forward_accumulated(self, hidden_states, routed_in, weights, topk_idx, routed_into) -> torch.Tensor:
-        """Decode paths: ``routed_into(experts, x, weights, topk_idx, acc)`` adds the routed experts into a
-        float32 accumulator, which starts as the shared expert's output where widths and dtype allow."""
-        shape = hidden_states.shape
-        if self.fc2_latent_proj is None and self.shared_experts is not None and hidden_states.dtype == torch.float32:
-            acc = self.shared_experts(hidden_states).reshape(-1, shape[-1]).contiguous()
-            return routed_into(self.experts, routed_in, weights, topk_idx, acc).view(shape)
-        acc = routed_in.new_zeros(routed_in.shape[0], routed_in.shape[1], dtype=torch.float32)
-        return self._finish(routed_into(self.experts, routed_in, weights, topk_idx, acc), hidden_states)
 
 __all__ = [
     "Nemotron3MoE", "Nemotron3Router", "Nemotron3Experts", "Nemotron3MLP", "Nemotron3GatedMLP",
-    "LocalDispatcher", "grouped_mm", "load_balancing_loss", "activation", "routed_few_tokens",
+    "LocalDispatcher", "grouped_mm", "load_balancing_loss", "activation", "routed_few_tokens", "keeps_seams",
 ]

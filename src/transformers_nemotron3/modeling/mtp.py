@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from .blocks import Nemotron3Block, Nemotron3RMSNorm
-from .fused_decode import cached_plan, decode_ready
 
 
 class Nemotron3MTPBlock(Nemotron3Block):
@@ -52,33 +51,22 @@ class Nemotron3MTP(nn.Module):
         next_embeds: torch.Tensor,
         cache=None,
         mask_args: dict | None = None,
+        decode_backend=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [b, l, d] (post final norm, or a previous depth's output), next_embeds [b, l, d].
 
-        Returns ``(output hidden before final_layernorm, normalised hidden for lm_head)``.
+        Returns ``(output hidden before final_layernorm, normalised hidden for lm_head)``. ``decode_backend``
+        (the causal LM's, see `Nemotron3ForCausalLM.decode_backend`) may run the blocks in one call.
         """
         first = self.layers[0]
         x = first.eh_proj(torch.cat([first.enorm(next_embeds), first.hnorm(hidden)], dim=-1))
-        fused = self._fused_blocks(x, cache, mask_args)
-        if fused is not None:
-            return fused
+        if decode_backend is not None:
+            fused = decode_backend.mtp_blocks(self, x, cache, mask_args)
+            if fused is not None:
+                return fused
         for layer in self.layers:
             x = layer(x, cache=cache, **(mask_args or {}))
         return x, self.layers[-1].final_layernorm(x)
-
-
-    def _fused_blocks(self, x: torch.Tensor, cache, mask_args: dict | None):
-        """The blocks and the final norm in one CPU kernel call (drafting, and the head's pass over newly
-        accepted positions), or None where that does not apply."""
-        if (cache is None or self.training or not decode_ready(x, x.dtype)
-                or any((mask_args or {}).get(k) is not None for k in ("attn_mask", "padding_mask", "seq_idx"))
-                or type(self.layers[-1].final_layernorm) is not Nemotron3RMSNorm):
-            return None
-        plan = cached_plan(self, self.layers, cache, x.dtype)
-        if plan is None or not plan.applies(x.shape[1]):
-            return None
-        out, normed, _ = plan.run(x, None, self.layers[-1].final_layernorm)
-        return out, normed
 
 
 __all__ = ["Nemotron3MTP", "Nemotron3MTPBlock"]

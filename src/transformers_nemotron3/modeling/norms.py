@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fast_ops import fused_rms_norm
-
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """``x * rsqrt(mean(x^2) + eps) * weight`` over the last dim, in fp32 (the result stays fp32).
@@ -17,9 +15,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     """
     xf = x.float()
     w = weight.float() if weight is not None else None
-    fused = fused_rms_norm(xf, w, eps)  # CPU kernel (one pass), when enabled and applicable
-    if fused is not None:
-        return fused
     if torch.is_grad_enabled() and (xf.requires_grad or (w is not None and w.requires_grad)):
         return F.rms_norm(xf, (xf.shape[-1],), w, eps)
     inv = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(xf.shape[-1]).add_(eps).rsqrt_()

@@ -1,4 +1,4 @@
-"""Whole decode steps through the CPU kernels: one ``nemotron3_cpu.decode_step`` call per token.
+"""Decode plans: a model's blocks bound once per cache for ``nemotron3_cpu.decode_step`` (one call per token).
 
 At batch 1 a decode step of a small model spends about as long in Python and in small ATen ops (module
 calls, argument checks, casts, a dozen ops per block, each starting with cold caches after the weights
@@ -6,10 +6,12 @@ streamed through) as in the kernels. A `DecodePlan` binds a model's parameters o
 them, with the cache's current states, to one C++ call that runs the embedding lookup, every block, the
 final norm and the LM head (cpu_kernels/decode_blocks.cpp, same order and roundings as the modules).
 
-Blocks the kernels cover (each builder's caller checks its conditions): Mamba-2; plain sdpa attention
-(no mask, RoPE or q/k norm); MoE with the default router, dispatcher and GEMM, non-gated relu^2 experts
-at full width and a relu^2 or no shared expert; dense relu^2 MLP. Anything else runs its module.
-Copied with the modeling files into saved checkpoints, where the kernels are never on.
+Blocks the kernels cover (`block_plan` looks the mixer's exact class up in `BUILDERS`, and each builder checks
+its conditions): Mamba-2 with the default sequence mixer; plain sdpa attention (no mask, RoPE or q/k norm); MoE
+with the default router, dispatcher and GEMM, non-gated relu^2 experts at full width and a relu^2 or no shared
+expert; dense relu^2 MLP. Any other block (a new block kind, a subclass, a plugin's replacement) makes
+`cached_plan` return None, and the model runs its modules. Lives outside ``modeling/``: saved remote code
+does not carry it.
 """
 
 from __future__ import annotations
@@ -17,14 +19,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fast_ops import GEMM_DTYPES, MAX_ROWS, kernel_ops, weights_streamed
+from ..modeling.attention import Nemotron3Attention
+from ..modeling.blocks import Nemotron3RMSNorm
+from ..modeling.cache import AttentionLayer, Nemotron3HybridCache
+from ..modeling.mamba2 import Mamba2SequenceMixer, Nemotron3Mamba2Mixer
+from ..modeling.moe import Nemotron3MLP, Nemotron3MoE, Nemotron3Router, _relu2
+from . import build
+from .ops import GEMM_DTYPES, MAX_ROWS, relu2_experts_fit, CpuMamba2SequenceMixer, EXPERTS_IMPLEMENTATION
 
 
 def decode_ready(x: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether a cached step may run through the fused block kernels: kernels on, no autograd or autocast,
     ``x`` ([b, T] ids or [b, T, hidden] states) on CPU with at most ``MAX_ROWS`` tokens in all, model
     ``dtype`` float32 or bfloat16. (Steps of T > 1 also need `DecodePlan.applies`.)"""
-    return (kernel_ops() is not None and not torch.is_grad_enabled() and x.device.type == "cpu"
+    return (build.kernel_ops() is not None and not torch.is_grad_enabled() and x.device.type == "cpu"
             and dtype in GEMM_DTYPES and x.shape[0] * x.shape[1] <= MAX_ROWS
             and not torch.is_autocast_enabled("cpu"))
 
@@ -98,7 +106,7 @@ class DecodePlan:
     """Fused blocks run back to back by one ``nemotron3_cpu.decode_step`` call per decode step."""
 
     def __init__(self, blocks: list[FusedBlock]) -> None:
-        self.op = kernel_ops().decode_step.default
+        self.op = build.kernel_ops().decode_step.default
         self.kinds = [b.kind for b in blocks]
         self.tensors = [t for b in blocks for t in b.tensors]
         self.floats = [f for b in blocks for f in b.floats]
@@ -149,22 +157,73 @@ class DecodePlan:
         return tokens == 1 or all(st.history is not None for is_mamba, st in self.stateful if is_mamba)
 
 
-def cached_plan(owner: nn.Module, layers, cache, dtype: torch.dtype, extra: tuple = ()) -> DecodePlan | None:
+def cached_plan(owner: nn.Module, layers, cache, dtype: torch.dtype, extra: tuple = (), on_new_plan=None
+                ) -> DecodePlan | None:
     """The fused plan of ``layers`` (blocks of ``owner``) for this cache, built at first use and kept with the
     cache while the kernels and dtype stay the same; None when a block is not covered. A None found before the
-    layers' cache states exist (prefill not done yet) is not kept. A new plan's weights, and the ``extra``
-    tensors it streams (the LM head), are reported to `fast_ops.weights_streamed`."""
-    ops = kernel_ops()
+    layers' cache states exist (prefill not done yet) is not kept. ``on_new_plan`` is called with the tensors a
+    new plan streams (its weights and ``extra``, e.g. the LM head)."""
+    ops = build.kernel_ops()
     entry = cache.decode_plans.get(owner)
     if entry is not None and entry[0] is ops and entry[1] == dtype:
         return entry[2]
-    blocks = [layer.fused_decode_block(cache, dtype) for layer in layers]
+    blocks = [block_plan(layer, cache, dtype) for layer in layers]
     plan = DecodePlan(blocks) if all(b is not None for b in blocks) else None
     if plan is not None or all(_state_ready(cache.get(layer.layer_idx)) for layer in layers):
         cache.decode_plans[owner] = (ops, dtype, plan)
-    if plan is not None:
-        weights_streamed([*plan.tensors, *extra])
+    if plan is not None and on_new_plan is not None:
+        on_new_plan([*plan.tensors, *extra])
     return plan
+
+
+def _mamba(norm, mixer, cache, dtype):
+    state = cache.get(mixer.layer_idx) if isinstance(cache, Nemotron3HybridCache) else None
+    if (type(mixer.sequence_mixer) not in (Mamba2SequenceMixer, CpuMamba2SequenceMixer) or state is None
+            or not state.has_previous or state.conv.dtype != dtype or state.ssm.dtype != torch.float32
+            or not fits(dtype, mixer.in_proj, mixer.out_proj)):
+        return None
+    return mamba_block(norm, mixer, state)
+
+
+def _attention(norm, attn, cache, dtype):
+    state = cache.get(attn.layer_idx) if cache is not None else None
+    impl = getattr(attn.config, "_attn_implementation", None) or "sdpa"
+    if (not isinstance(state, AttentionLayer) or state.key_buffer is None or impl != "sdpa" or attn.use_rope
+            or attn.use_qk_norm or attn.training or state.key_buffer.dtype != dtype
+            or not fits(dtype, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)):
+        return None
+    return attention_block(norm, attn, state)
+
+
+def _moe(norm, moe, cache, dtype):
+    shared, gate, experts = moe.shared_experts, moe.gate, moe.experts
+    impl = getattr(experts.config, "_experts_implementation", None) or "eager"
+    if (moe.training or moe.fc1_latent_proj is not None or type(gate) is not Nemotron3Router
+            or gate.score_function not in SCORE_FUNCTIONS or impl not in ("eager", EXPERTS_IMPLEMENTATION)
+            or not relu2_experts_fit(experts, dtype)
+            or (shared is not None and not (type(shared) is Nemotron3MLP and shared.act is _relu2
+                                            and fits(dtype, shared.up_proj, shared.down_proj)))):
+        return None
+    return moe_block(norm, moe)
+
+
+def _mlp(norm, mlp, cache, dtype):
+    if mlp.act is _relu2 and fits(dtype, mlp.up_proj, mlp.down_proj):
+        return mlp_block(norm, mlp)
+    return None
+
+
+BUILDERS = {Nemotron3Mamba2Mixer: _mamba, Nemotron3Attention: _attention, Nemotron3MoE: _moe, Nemotron3MLP: _mlp}
+"""Mixer class (exact) -> builder ``(norm, mixer, cache, dtype) -> FusedBlock | None``. A block kind without an
+entry here runs its module; covering it in the fused step means a builder here and a case in decode_blocks.cpp."""
+
+
+def block_plan(layer: nn.Module, cache, dtype: torch.dtype) -> FusedBlock | None:
+    """One block (``h + mixer(norm(h))``) as a `FusedBlock`, or None where the kernels do not cover it."""
+    builder = BUILDERS.get(type(getattr(layer, "mixer", None)))
+    if builder is None or type(layer.norm) is not Nemotron3RMSNorm:
+        return None
+    return builder(layer.norm, layer.mixer, cache, dtype)
 
 
 def _state_ready(state) -> bool:
@@ -173,5 +232,5 @@ def _state_ready(state) -> bool:
     return state.has_previous if hasattr(state, "has_previous") else state.key_buffer is not None
 
 
-__all__ = ["decode_ready", "fits", "FusedBlock", "DecodePlan", "cached_plan", "mamba_block", "attention_block",
-           "moe_block", "mlp_block", "SCORE_FUNCTIONS"]
+__all__ = ["decode_ready", "fits", "FusedBlock", "DecodePlan", "cached_plan", "block_plan", "BUILDERS",
+           "mamba_block", "attention_block", "moe_block", "mlp_block", "SCORE_FUNCTIONS"]
