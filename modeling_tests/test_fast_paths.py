@@ -226,3 +226,27 @@ def test_chunked_scan_with_strong_decay_equals_reference(grad):
     assert torch.isfinite(y1).all() and torch.isfinite(s1).all()
     torch.testing.assert_close(y1, y2, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(s1, s2, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("outputs", ["both", "starts", "final"])
+def test_chunk_state_pass_equals_reference(outputs):
+    """`ssd._StatePass` (the chunked scan's state pass with a hand-written backward) equals the op-by-op loop
+    `state_pass_reference`: forward bit for bit, gradients of init, chunk states and carries."""
+    from transformers_nemotron3.modeling.ssd import _StatePass, state_pass_reference
+
+    gen = torch.Generator().manual_seed(5)
+    b, nc, g, r, p, n = 2, 5, 2, 3, 4, 6
+    init = torch.randn(b, g, r, p, n, generator=gen, requires_grad=True)
+    chunk_states = torch.randn(b, nc, g, r, p, n, generator=gen, requires_grad=True)
+    carry = torch.rand(b, nc, g, r, 1, 1, generator=gen).requires_grad_()
+    fast, ref = _StatePass.apply(init, chunk_states, carry), state_pass_reference(init, chunk_states, carry)
+    for a, e in zip(fast, ref):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    weights = [torch.randn(t.shape, generator=gen) for t in ref]
+    keep = {"both": (0, 1), "starts": (0,), "final": (1,)}[outputs]
+
+    def loss(out):
+        return sum((out[i] * weights[i]).sum() for i in keep)
+
+    torch.testing.assert_close(torch.autograd.grad(loss(fast), [init, chunk_states, carry]),
+                               torch.autograd.grad(loss(ref), [init, chunk_states, carry]))
