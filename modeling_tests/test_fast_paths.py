@@ -250,3 +250,24 @@ def test_chunk_state_pass_equals_reference(outputs):
 
     torch.testing.assert_close(torch.autograd.grad(loss(fast), [init, chunk_states, carry]),
                                torch.autograd.grad(loss(ref), [init, chunk_states, carry]))
+
+
+@pytest.mark.parametrize("with_weight", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_autograd_equals_reference(with_weight, dtype):
+    """`norms.rms_norm` under autograd (`_RMSNorm`, hand-written backward) equals `F.rms_norm` in values and
+    gradients, and its forward is bit for bit the no-grad branch's."""
+    from transformers_nemotron3.modeling.norms import rms_norm
+
+    gen = torch.Generator().manual_seed(6)
+    x = (torch.randn(2, 5, 3, 16, generator=gen) * 3).to(dtype).requires_grad_()
+    w = torch.randn(16, generator=gen, requires_grad=True) if with_weight else None
+    out = rms_norm(x, w, 1e-5)
+    ref = F.rms_norm(x.float(), (16,), w, 1e-5)
+    torch.testing.assert_close(out, ref)
+    with torch.no_grad():
+        torch.testing.assert_close(rms_norm(x, w, 1e-5), out, rtol=0, atol=0)
+    g = torch.randn(out.shape, generator=gen)
+    inputs = [x, w] if with_weight else [x]
+    torch.testing.assert_close(torch.autograd.grad((out * g).sum(), inputs),
+                               torch.autograd.grad((ref * g).sum(), inputs))
