@@ -203,7 +203,7 @@ def test_channel_last_conv_equals_reference_conv(prefix, packed, length):
     b, ch, k = 2, 6, 4
     xbc = torch.randn(b, length, ch, generator=gen, requires_grad=True)
     w = torch.randn(ch, k, generator=gen, requires_grad=True)
-    bias = torch.randn(ch, generator=gen)
+    bias = torch.randn(ch, generator=gen, requires_grad=True)
     pre = torch.randn(b, ch, k - 1, generator=gen) if prefix else None
     seq = torch.tensor([[0] * 4 + [1] * 5, [0] * 7 + [1] * 2])[:, -length:] if packed else None
     out, hist = causal_conv_last(xbc, w, bias, pre, seq)
@@ -212,10 +212,11 @@ def test_channel_last_conv_equals_reference_conv(prefix, packed, length):
     full = torch.cat([pre if prefix else torch.zeros(b, ch, k - 1), xbc.detach().transpose(1, 2)], dim=-1)
     torch.testing.assert_close(hist, full[..., -k:])
     g = torch.randn_like(out)
-    torch.testing.assert_close(torch.autograd.grad((out * g).sum(), [xbc, w]),
-                               torch.autograd.grad((ref * g).sum(), [xbc, w]))
-    with torch.no_grad():  # the in-place branch
-        torch.testing.assert_close(causal_conv_last(xbc, w, bias, pre, seq)[0], ref)
+    # without a prefix (training) the backward is `_DepthwiseCausalConv`'s own, with one autograd's record
+    torch.testing.assert_close(torch.autograd.grad((out * g).sum(), [xbc, w, bias]),
+                               torch.autograd.grad((ref * g).sum(), [xbc, w, bias]))
+    with torch.no_grad():  # the in-place branch, bit for bit the forward of the autograd one
+        torch.testing.assert_close(causal_conv_last(xbc, w, bias, pre, seq)[0], out, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("grad", [False, True])
@@ -229,3 +230,48 @@ def test_chunked_scan_with_strong_decay_equals_reference(grad):
     assert torch.isfinite(y1).all() and torch.isfinite(s1).all()
     torch.testing.assert_close(y1, y2, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(s1, s2, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("outputs", ["both", "starts", "final"])
+def test_chunk_state_pass_equals_reference(outputs):
+    """`ssd._StatePass` (the chunked scan's state pass with a hand-written backward) equals the op-by-op loop
+    `state_pass_reference`: forward bit for bit, gradients of init, chunk states and carries."""
+    from transformers_nemotron3.modeling.ssd import _StatePass, state_pass_reference
+
+    gen = torch.Generator().manual_seed(5)
+    b, nc, g, r, p, n = 2, 5, 2, 3, 4, 6
+    init = torch.randn(b, g, r, p, n, generator=gen, requires_grad=True)
+    chunk_states = torch.randn(b, nc, g, r, p, n, generator=gen, requires_grad=True)
+    carry = torch.rand(b, nc, g, r, 1, 1, generator=gen).requires_grad_()
+    fast, ref = _StatePass.apply(init, chunk_states, carry), state_pass_reference(init, chunk_states, carry)
+    for a, e in zip(fast, ref):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    weights = [torch.randn(t.shape, generator=gen) for t in ref]
+    keep = {"both": (0, 1), "starts": (0,), "final": (1,)}[outputs]
+
+    def loss(out):
+        return sum((out[i] * weights[i]).sum() for i in keep)
+
+    torch.testing.assert_close(torch.autograd.grad(loss(fast), [init, chunk_states, carry]),
+                               torch.autograd.grad(loss(ref), [init, chunk_states, carry]))
+
+
+@pytest.mark.parametrize("with_weight", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_autograd_equals_reference(with_weight, dtype):
+    """`norms.rms_norm` under autograd (`_RMSNorm`, hand-written backward) equals `F.rms_norm` in values and
+    gradients, and its forward is bit for bit the no-grad branch's."""
+    from transformers_nemotron3.modeling.norms import rms_norm
+
+    gen = torch.Generator().manual_seed(6)
+    x = (torch.randn(2, 5, 3, 16, generator=gen) * 3).to(dtype).requires_grad_()
+    w = torch.randn(16, generator=gen, requires_grad=True) if with_weight else None
+    out = rms_norm(x, w, 1e-5)
+    ref = F.rms_norm(x.float(), (16,), w, 1e-5)
+    torch.testing.assert_close(out, ref)
+    with torch.no_grad():
+        torch.testing.assert_close(rms_norm(x, w, 1e-5), out, rtol=0, atol=0)
+    g = torch.randn(out.shape, generator=gen)
+    inputs = [x, w] if with_weight else [x]
+    torch.testing.assert_close(torch.autograd.grad((out * g).sum(), inputs),
+                               torch.autograd.grad((ref * g).sum(), inputs))

@@ -99,11 +99,8 @@ def ssd_chunked(
     if seq_idx is not None:
         owner = torch.cat([sc[:, :1, 0], sc[:, :, -1]], dim=1)  # sequence owning each boundary state
         carry = carry * (owner[:, 1:] == owner[:, :-1])[:, :, None, None, None, None]
-    starts = [init]
-    for c in range(nc):
-        starts.append(torch.addcmul(chunk_states[:, c], starts[-1], carry[:, c]))
-    final_state = starts.pop()
-    start_states = torch.stack(starts, dim=1)  # [b, c, g, r, p, n]: the state entering each chunk
+    # [b, c, g, r, p, n]: the state entering each chunk, and the state after the last one
+    start_states, final_state = _StatePass.apply(init, chunk_states, carry)
 
     # 4. contribution of the state entering each chunk: exp(A_cum_i) * (S_start C_i)
     decay_in = torch.exp(A_cum)  # [b, c, g, r, cs]
@@ -118,6 +115,62 @@ def ssd_chunked(
     if D is not None:
         y = torch.addcmul(y, x[:, :length], D.float()[:, None])
     return y, final_state.reshape(b, h, p, n)
+
+
+def state_pass_reference(init: torch.Tensor, chunk_states: torch.Tensor, carry: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3 of `ssd_chunked` op by op: ``S_0 = init``, ``S_{c+1} = chunk_states_c + carry_c S_c``; returns the
+    states entering the chunks ``[b, c, ...]`` and the final one (autograd's backward; `_StatePass` is tested
+    against it)."""
+    starts = [init]
+    for cs_c, carry_c in zip(chunk_states.unbind(1), carry.unbind(1)):
+        starts.append(torch.addcmul(cs_c, starts[-1], carry_c))
+    final = starts.pop()
+    return torch.stack(starts, dim=1), final
+
+
+class _StatePass(torch.autograd.Function):
+    """`state_pass_reference` with the states written into one buffer and a hand-written backward.
+
+    Forward: the same ``addcmul`` per chunk (bit for bit), written in place of ``stack``-ing a list. Backward, from
+    the last chunk back: ``dS_c = dstart_c + carry_c dS_{c+1}`` (one ``addcmul`` per chunk, into the gradient of
+    ``chunk_states`` directly) and ``dcarry = sum_{p,n} dS_{c+1} S_c`` for all chunks at once, instead of autograd's
+    five ops per chunk on its record of the loop (a sequential pass over small tensors, ~20 % of the scan's
+    backward on the small benchmark model).
+    """
+
+    @staticmethod
+    def forward(ctx, init, chunk_states, carry):
+        nc = chunk_states.shape[1]
+        starts = torch.empty_like(chunk_states)
+        starts[:, 0] = init
+        final = torch.empty_like(init)
+        for c in range(nc):
+            torch.addcmul(chunk_states[:, c], starts[:, c], carry[:, c], out=starts[:, c + 1] if c + 1 < nc else final)
+        ctx.save_for_backward(starts, carry)
+        return starts, final
+
+    @staticmethod
+    def backward(ctx, g_starts, g_final):
+        starts, carry = ctx.saved_tensors
+        nc = starts.shape[1]
+        g_cs = torch.empty_like(starts)  # dS_{c+1} = gradient of chunk_states[:, c]
+        if g_final is None:
+            g_cs[:, nc - 1] = 0
+        else:
+            g_cs[:, nc - 1] = g_final
+        for c in range(nc - 1, 0, -1):
+            if g_starts is None:
+                torch.mul(g_cs[:, c], carry[:, c], out=g_cs[:, c - 1])
+            else:
+                torch.addcmul(g_starts[:, c], g_cs[:, c], carry[:, c], out=g_cs[:, c - 1])
+        g_init = g_g_carry = None
+        if ctx.needs_input_grad[0]:
+            g_init = g_cs[:, 0] * carry[:, 0] if g_starts is None else torch.addcmul(g_starts[:, 0], g_cs[:, 0],
+                                                                                      carry[:, 0])
+        if ctx.needs_input_grad[2]:
+            g_g_carry = (g_cs * starts).sum((-2, -1), keepdim=True)
+        return g_init, g_cs if ctx.needs_input_grad[1] else None, g_g_carry
 
 
 def ssd_reference(
@@ -175,4 +228,4 @@ def ssd_step(
     y = torch.matmul(s.view(b, g, r * p, n), C.float().view(b, g, n, 1)).view(b, h, p)
     return torch.addcmul(y, D.float()[:, None], xf)
 
-__all__ = ["ssd_chunked", "ssd_reference", "ssd_step"]
+__all__ = ["ssd_chunked", "ssd_reference", "ssd_step", "state_pass_reference"]
