@@ -92,6 +92,19 @@ def _max_diff(a: dict, b: dict, prefix: str = "") -> tuple[float, str]:
 
 
 # ------------------------------------------------------------------------------------------- plain loop
+
+def _assert_resumed_equals_uninterrupted_and_one_process(r0: dict, ref_losses: list, ref_state: dict) -> None:
+    """Losses, weights (``w.``) and optimizer state (``opt.``): resumed == uninterrupted == one process, within TOL."""
+    assert max(abs(a - b) for a, b in zip(r0["resumed_losses"], r0["full_losses"])) < TOL
+    assert max(abs(a - b) for a, b in zip(r0["full_losses"], ref_losses)) < TOL, (r0["full_losses"], ref_losses)
+    for prefix in ("w.", "opt."):
+        resumed = _max_diff(r0["resumed"], r0["full"], prefix)
+        single = _max_diff(r0["full"], ref_state, prefix)
+        print(f"\n{prefix} resumed vs uninterrupted {resumed}, parallel vs one process {single}")
+        assert resumed[0] < TOL, resumed
+        assert single[0] < TOL, single
+
+
 def _one_process_loop() -> tuple[list[float], dict]:
     """The oracle: one process, unpadded rows, the mean of the dp slices' losses, the same schedule."""
     torch.manual_seed(0)
@@ -183,14 +196,7 @@ def test_accelerate_loop_ep2_cp2_resume_equals_uninterrupted_and_one_process(tmp
     assert r0["bad_path_error"] and "not a sharded checkpoint" in r0["bad_path_error"]
     for r in out:
         assert r["full_losses"] == r0["full_losses"]  # every rank logs the global loss
-    assert max(abs(a - b) for a, b in zip(r0["resumed_losses"], r0["full_losses"])) < TOL
-    assert max(abs(a - b) for a, b in zip(r0["full_losses"], ref_losses)) < TOL, (r0["full_losses"], ref_losses)
-    for prefix in ("w.", "opt."):
-        resumed = _max_diff(r0["resumed"], r0["full"], prefix)
-        single = _max_diff(r0["full"], ref_state, prefix)
-        print(f"\n{prefix} resumed vs uninterrupted {resumed}, parallel vs one process {single}")
-        assert resumed[0] < TOL, resumed
-        assert single[0] < TOL, single
+    _assert_resumed_equals_uninterrupted_and_one_process(r0, ref_losses, ref_state)
     moved = max(float(abs(v).max()) for k, v in ref_state.items() if k.endswith("e_score_correction_bias"))
     assert moved >= BIAS_RATE  # the bias update ran
 
@@ -268,11 +274,4 @@ def test_sft_trainer_ep2_cp2_save_strategy_resume_equals_uninterrupted_and_one_p
     assert "sharded" in r0["ckpt_files"] and "trainer_state.json" in r0["ckpt_files"], r0["ckpt_files"]
     assert "config.json" in r0["ckpt_files"]  # the full official layout next to it
     assert len(r0["full_losses"]) == len(r0["resumed_losses"]) == len(ref_losses) == STEPS
-    assert max(abs(a - b) for a, b in zip(r0["resumed_losses"], r0["full_losses"])) < TOL
-    assert max(abs(a - b) for a, b in zip(r0["full_losses"], ref_losses)) < TOL, (r0["full_losses"], ref_losses)
-    for prefix in ("w.", "opt."):
-        resumed = _max_diff(r0["resumed"], r0["full"], prefix)
-        single = _max_diff(r0["full"], ref_state, prefix)
-        print(f"\n{prefix} resumed vs uninterrupted {resumed}, parallel vs one process {single}")
-        assert resumed[0] < TOL, resumed
-        assert single[0] < TOL, single
+    _assert_resumed_equals_uninterrupted_and_one_process(r0, ref_losses, ref_state)

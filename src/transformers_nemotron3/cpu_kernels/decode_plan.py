@@ -23,9 +23,9 @@ from ..modeling.attention import Nemotron3Attention
 from ..modeling.blocks import Nemotron3RMSNorm
 from ..modeling.cache import AttentionLayer, Nemotron3HybridCache
 from ..modeling.mamba2 import Mamba2SequenceMixer, Nemotron3Mamba2Mixer
-from ..modeling.moe import Nemotron3MLP, Nemotron3MoE, Nemotron3Router, _relu2
+from ..modeling.moe import Nemotron3MLP, Nemotron3MoE, Nemotron3Router, _relu2, experts_implementation, keeps_seams
 from . import build
-from .ops import GEMM_DTYPES, MAX_ROWS, relu2_experts_fit, CpuMamba2SequenceMixer, EXPERTS_IMPLEMENTATION
+from .ops import GEMM_DTYPES, MAX_ROWS, CpuMamba2SequenceMixer, relu2_experts_fit
 
 
 def decode_ready(x: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -56,11 +56,6 @@ class FusedBlock:
 
     def __init__(self, kind: int, tensors: list, floats: list, ints: list, state=None, moe=None) -> None:
         self.kind, self.tensors, self.floats, self.ints, self.state, self.moe = kind, tensors, floats, ints, state, moe
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor | None:
-        """Run this block alone on ``h`` [b, T, hidden]; None where T > 1 does not apply (`DecodePlan.applies`)."""
-        plan = DecodePlan([self])
-        return plan.run(h)[0] if plan.applies(h.shape[1]) else None
 
 
 def mamba_block(norm: nn.Module, mixer: nn.Module, state) -> FusedBlock:
@@ -197,9 +192,8 @@ def _attention(norm, attn, cache, dtype):
 
 def _moe(norm, moe, cache, dtype):
     shared, gate, experts = moe.shared_experts, moe.gate, moe.experts
-    impl = getattr(experts.config, "_experts_implementation", None) or "eager"
     if (moe.training or moe.fc1_latent_proj is not None or type(gate) is not Nemotron3Router
-            or gate.score_function not in SCORE_FUNCTIONS or impl not in ("eager", EXPERTS_IMPLEMENTATION)
+            or gate.score_function not in SCORE_FUNCTIONS or not keeps_seams(experts_implementation(experts))
             or not relu2_experts_fit(experts, dtype)
             or (shared is not None and not (type(shared) is Nemotron3MLP and shared.act is _relu2
                                             and fits(dtype, shared.up_proj, shared.down_proj)))):

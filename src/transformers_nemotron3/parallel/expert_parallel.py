@@ -47,7 +47,7 @@ def is_expert_shard(param: torch.Tensor) -> bool:
     return isinstance(param, DTensor) and "ep" in (param.device_mesh.mesh_dim_names or ())
 
 
-def _placements(mesh: DeviceMesh, grad: bool = False) -> tuple:
+def _placements(grad: bool = False) -> tuple:
     """(Replicate over edp, Shard(0) over ep); for the gradient of the local compute: Partial over edp."""
     return (Partial() if grad else Replicate()), Shard(0)
 
@@ -80,7 +80,6 @@ class LocalShardGemm:
     registered here, at the first forward of each parameter object, because moving a module (``model.to(device)``
     as Trainer / Accelerate do) may replace a DTensor parameter by a new object without the hooks of the old one.
 
-
     With ``fsdp=True`` (``data_parallel_mode="shard"``) the weights are FSDP2-managed DTensors on the 1-D ep mesh:
     FSDP2 unshards them over edp before the forward and reduce-scatters their gradients with a mean over edp; the
     local gradient is scaled by ``1/ep`` so that the result is the mean over the world, as for every other
@@ -97,7 +96,7 @@ class LocalShardGemm:
             weight = _ScaleGrad.apply(weight.to_local(), 1.0 / self.ep)
         elif isinstance(weight, DTensor):
             self._ensure_hook(weight)
-            weight = weight.to_local(grad_placements=_placements(weight.device_mesh, grad=True))
+            weight = weight.to_local(grad_placements=_placements(grad=True))
         return self.inner(x, weight, counts)
 
     def _ensure_hook(self, param: torch.Tensor) -> None:
@@ -112,7 +111,7 @@ def _reduce_expert_grad(param: torch.Tensor) -> None:
     grad = param.grad
     if grad is None or not _sync_gradients() or not any(p.is_partial() for p in grad.placements):
         return
-    grad = grad.redistribute(grad.device_mesh, _placements(grad.device_mesh))
+    grad = grad.redistribute(grad.device_mesh, _placements())
     param.grad = grad / dist.get_world_size()
 
 
@@ -160,7 +159,7 @@ def apply_expert_parallel(model: nn.Module, expert_mesh: DeviceMesh | None = Non
                 if full is None:
                     continue
                 # every rank holds the same full tensor: take the local slice, no communication
-                mesh, placements = (ep_mesh, (Shard(0),)) if fsdp else (expert_mesh, _placements(expert_mesh))
+                mesh, placements = (ep_mesh, (Shard(0),)) if fsdp else (expert_mesh, _placements())
                 shard = distribute_tensor(full.detach(), mesh, placements, src_data_rank=None)
                 setattr(experts, name, nn.Parameter(shard, requires_grad=full.requires_grad))
             experts.num_experts = total // ep
