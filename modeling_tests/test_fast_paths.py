@@ -232,6 +232,34 @@ def test_chunked_scan_with_strong_decay_equals_reference(grad):
     torch.testing.assert_close(s1, s2, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("decay_scale, form", [(1.0, "factored 32"), (15.0, "factored 16"), (60.0, "pairwise")])
+@pytest.mark.parametrize("packed", [False, True])
+def test_chunked_scan_forms_equal_reference(decay_scale, form, packed, monkeypatch):
+    """Both in-chunk forms of `ssd_chunked` equal the recurrence, forward and gradients: the factored one (chunk
+    halved until every chunk's decay is at most ``_FACTORED_MAX_DECAY``) and the pairwise one (larger decays)."""
+    from transformers_nemotron3.modeling import ssd as ssd_module
+
+    ran = []
+    for name in ("_ssd_factored", "_ssd_pairwise"):
+        real = getattr(ssd_module, name)
+        monkeypatch.setattr(ssd_module, name, lambda *a, _real=real, _n=name: ran.append((_n, a[5])) or _real(*a))
+    x, dt, A, B, C, D, init = _scan_inputs(b=2, length=37, seed=5)
+    ts = [x, dt, A * decay_scale, B, C, D, init]
+    ts = [t.clone().requires_grad_(True) for t in ts]
+    seq = torch.tensor([[0] * 12 + [1] * 20 + [2] * 5, [0] * 30 + [1] * 7]) if packed else None
+    y1, s1 = ssd_chunked(*ts[:5], 32, ts[5], ts[6], seq)
+    y2, s2 = ssd_reference(*ts[:5], ts[5], ts[6], seq)
+    kind, size = form.split(" ") if " " in form else (form, "32")
+    assert ran == [(f"_ssd_{kind}", int(size))]
+    torch.testing.assert_close(y1, y2, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(s1, s2, atol=1e-4, rtol=1e-4)
+    w1, w2 = torch.randn_like(y1), torch.randn_like(s1)
+    g1 = torch.autograd.grad((y1 * w1).sum() + (s1 * w2).sum(), ts)
+    g2 = torch.autograd.grad((y2 * w1).sum() + (s2 * w2).sum(), ts)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-3 * (1 + float(b.abs().max())), rtol=1e-3)
+
+
 @pytest.mark.parametrize("outputs", ["both", "starts", "final"])
 def test_chunk_state_pass_equals_reference(outputs):
     """`ssd._StatePass` (the chunked scan's state pass with a hand-written backward) equals the op-by-op loop

@@ -34,10 +34,12 @@ def ssd_chunked(
     initial_state: torch.Tensor | None = None,
     seq_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked SSD scan. Returns ``(y [b, l, h, p] float32, final_state [b, h, p, n] float32)``."""
+    """Chunked SSD scan. Returns ``(y [b, l, h, p] float32, final_state [b, h, p, n] float32)``.
+
+    Two exact forms of the in-chunk work, chosen per call: the factored one (`_ssd_factored`, GEMMs over all heads
+    of a group at once) where every chunk's total decay fits in float32 (``_FACTORED_MAX_DECAY``; the chunk is
+    halved down to 16 tokens to get there), else the pairwise-exponent one (any decay)."""
     b, length, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
-    r = h // g
     chunk_size = max(1, min(chunk_size, length))  # exact for any chunk size; short inputs skip padding
     x, dt, A, B, C = x.float(), dt.float(), A.float(), B.float(), C.float()
     pad = (-length) % chunk_size
@@ -49,13 +51,104 @@ def ssd_chunked(
         if seq_idx is not None:
             seq_idx = F.pad(seq_idx, (0, pad), value=0)
             seq_idx[:, length:] = seq_idx[:, length - 1 : length]
-    nc, cs = (length + pad) // chunk_size, chunk_size
+    dA = dt * A  # [b, l, h], <= 0
+    cs = _factored_chunk(dA.detach(), chunk_size)
+    if cs:
+        y, final = _ssd_factored(x, dt, dA, B, C, cs, initial_state, seq_idx)
+    else:
+        y, final = _ssd_pairwise(x, dt, dA, B, C, chunk_size, initial_state, seq_idx)
+    y = y[:, :length]
+    if D is not None:
+        y = torch.addcmul(y, x[:, :length], D.float()[:, None])
+    return y, final
+
+
+_FACTORED_MAX_DECAY = 80.0
+"""Largest total decay ``-sum(dt * A)`` over one chunk that `_ssd_factored` takes: its factors ``exp(+-a)`` stay
+within ``exp(40)`` (far from float32 overflow, and from subnormals after multiplying by gradients)."""
+
+
+def _factored_chunk(dA: torch.Tensor, chunk_size: int) -> int:
+    """The chunk length for `_ssd_factored`: ``chunk_size``, halved while some chunk's decay exceeds
+    ``_FACTORED_MAX_DECAY`` (down to 16 tokens); 0 where none fits (then the pairwise form runs)."""
+    b, length, h = dA.shape
+    cs = chunk_size
+    while True:
+        if -dA.view(b, length // cs, cs, h).sum(2).min() <= _FACTORED_MAX_DECAY:
+            return cs
+        if cs % 2 or cs < 32:
+            return 0
+        cs //= 2
+
+
+def _ssd_factored(x, dt, dA, B, C, cs, initial_state, seq_idx):
+    """The scan on whole chunks with ``exp(A_i - A_j) = exp(a_i) exp(-a_j)``, ``a = A_cum - A_end / 2`` per chunk.
+
+    In chunk c, with ``u_j = exp(-a_j) dt_j x_j`` (x-sized, shared by every product below):
+
+    - in-chunk output ``y_i = exp(a_i) sum_{j<=i} (C_i . B_j) u_j``: one GEMM per group, ``[cs, cs] @ [cs, r*p]``
+      (the heads of a group share B and C), instead of a ``[cs, cs]`` exponent table per head;
+    - the chunk's contribution to its end state: ``exp(a_end) u^T B``;
+    - the entering state's contribution: ``exp(a_i) C_i (exp(A_end / 2) S)``, added by the same GEMM call.
+
+    No ``[cs, cs]``-per-head tensor exists, forward or backward. ``|a| <= decay / 2 <= 40`` (`_factored_chunk`).
+    Packing masks go on the ``[cs, cs]`` C.B table and on B and C, not on x-sized tensors."""
+    b, length, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    r = h // g
+    nc = length // cs
+    A_cum = torch.cumsum(dA.view(b, nc, cs, h), dim=2)  # [b, c, cs, h]
+    half_end = (0.5 * A_cum[:, :, -1:]).detach()  # the output does not depend on the split point: no gradient
+    a = A_cum - half_end
+    # u in the GEMM layout [b, c, g, j, r, p]; exp(-a) <= exp(40)
+    scale_in = (dt.view(b, nc, cs, h) * torch.exp(-a)).view(b, nc, cs, g, r, 1)
+    u = (x.view(b, nc, cs, g, r, p) * scale_in).transpose(2, 3).contiguous().view(b, nc, g, cs, r * p)
+    Bc = B.view(b, nc, cs, g, n).transpose(2, 3)  # [b, c, g, cs, n]
+    Cc = C.view(b, nc, cs, g, n).transpose(2, 3)
+    causal = torch.ones(cs, cs, dtype=torch.bool, device=x.device).tril()  # j <= i, [i, j]
+    if seq_idx is not None:
+        sc = seq_idx.view(b, nc, cs)
+        keep = (sc[:, :, :, None] == sc[:, :, None, :]) & causal  # [b, c, i, j]
+        CB = torch.matmul(Cc, Bc.transpose(-1, -2)) * keep[:, :, None]
+        Bc = Bc * (sc == sc[:, :, -1:])[:, :, None, :, None]  # tokens of the sequence that owns the chunk's end
+        owner = torch.cat([sc[:, :1, 0], sc[:, :, -1]], dim=1)  # sequence owning each boundary state
+        Cc = Cc * (sc == owner[:, :-1, None])[:, :, None, :, None]  # tokens that continue the entering state
+    else:
+        CB = torch.matmul(Cc, Bc.transpose(-1, -2)).masked_fill(~causal, 0.0)  # [b, c, g, i, j]
+
+    # chunk states at their own ends: exp(a_end) u^T B, [b, c, g, r, p, n]
+    e_end = torch.exp(a[:, :, -1]).view(b, nc, g, r, 1, 1)
+    chunk_states = torch.matmul(u.transpose(-1, -2), Bc).view(b, nc, g, r, p, n) * e_end
+    if initial_state is None:
+        init = torch.zeros(b, g, r, p, n, dtype=x.dtype, device=x.device)
+    else:
+        init = initial_state.float().view(b, g, r, p, n)
+    carry = torch.exp(A_cum[:, :, -1]).view(b, nc, g, r, 1, 1)
+    if seq_idx is not None:
+        carry = carry * (owner[:, 1:] == owner[:, :-1])[:, :, None, None, None, None]
+    start_states, final_state = _StatePass.apply(init, chunk_states, carry)
+
+    # y_i = exp(a_i) (C_i (exp(A_end / 2) S_start) + sum_j CB_ij u_j): entering state and in-chunk part in one baddbmm
+    s_in = (start_states * torch.exp(half_end).view(b, nc, g, r, 1, 1)).view(b * nc * g, r * p, n)
+    y = torch.baddbmm(torch.bmm(Cc.reshape(b * nc * g, cs, n), s_in.transpose(1, 2)),
+                      CB.reshape(b * nc * g, cs, cs), u.view(b * nc * g, cs, r * p))
+    y = y.view(b, nc, g, cs, r, p).transpose(2, 3) * torch.exp(a).view(b, nc, cs, g, r, 1)
+    return y.reshape(b, length, h, p), final_state.reshape(b, h, p, n)
+
+
+def _ssd_pairwise(x, dt, dA, B, C, chunk_size, initial_state, seq_idx):
+    """The scan with one ``[cs, cs]`` table of ``exp(A_cum_i - A_cum_j)`` per head and chunk: exact for any decay
+    (exponents below ``_EXP_FLOOR`` are clamped, where the true factor is zero next to any output)."""
+    b, length, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    r = h // g
+    nc, cs = length // chunk_size, chunk_size
 
     # layout [b, c, g, r, cs, ...]: one batched matmul per contraction (no 3-operand einsums)
     xdt = (x * dt[..., None]).view(b, nc, cs, g, r, p).permute(0, 1, 3, 4, 2, 5)  # [b, c, g, r, cs, p]
     Bc = B.view(b, nc, cs, g, n).transpose(2, 3)  # [b, c, g, cs, n]
     Cc = C.view(b, nc, cs, g, n).transpose(2, 3)
-    A_cum = torch.cumsum((dt * A).view(b, nc, cs, g, r).permute(0, 1, 3, 4, 2), dim=-1)  # [b, c, g, r, cs]
+    A_cum = torch.cumsum(dA.view(b, nc, cs, g, r).permute(0, 1, 3, 4, 2), dim=-1)  # [b, c, g, r, cs]
     if seq_idx is not None:
         sc = seq_idx.view(b, nc, cs)
 
@@ -70,7 +163,7 @@ def ssd_chunked(
     L = (A_cum[..., None, :] - A_cum[..., :, None]).clamp_(min=_EXP_FLOOR, max=0.0)  # [.., j, i] = A_cum_i - A_cum_j
     CB = torch.matmul(Bc, Cc.transpose(-1, -2)).masked_fill_(~causal_t, 0.0)[:, :, :, None]  # (C_i . B_j) at [j, i]
     if torch.is_grad_enabled() and (x.requires_grad or dt.requires_grad or B.requires_grad or C.requires_grad
-                                    or A.requires_grad):
+                                    or dA.requires_grad):
         L = L.exp() * CB  # autograd keeps the exp output: no in-place ops on it
         if seq_idx is not None:
             L = L * (sc[:, :, :, None] == sc[:, :, None, :])[:, :, None, None]
@@ -111,9 +204,7 @@ def ssd_chunked(
     y_in = y_in.view(b, nc, g, cs, r, p).transpose(3, 4)  # [b, c, g, r, i, p] (a view)
     y = torch.addcmul(y, y_in, decay_in[..., None])
 
-    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, nc * cs, h, p)[:, :length]
-    if D is not None:
-        y = torch.addcmul(y, x[:, :length], D.float()[:, None])
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, nc * cs, h, p)
     return y, final_state.reshape(b, h, p, n)
 
 
