@@ -27,6 +27,7 @@ from .blocks import Nemotron3Block, Nemotron3RMSNorm
 from .cache import Nemotron3HybridCache, seq_length
 from .checkpoint_layout import load_official_state_dict_hook
 from .configuration_nemotron3 import Nemotron3Config
+from .loss import causal_lm_loss
 from .mamba2 import GatedRMSNorm, Nemotron3Mamba2Mixer
 from .moe import Nemotron3Experts, Nemotron3MoE, Nemotron3Router, keeps_seams
 from .mtp import Nemotron3MTP
@@ -423,6 +424,19 @@ class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
 
     def get_decoder(self) -> Nemotron3Model:
         return self.model
+
+    @property
+    def loss_function(self):
+        """transformers' loss lookup (a loss set on the model, else ``LOSS_MAPPING[self.loss_type]``), except that
+        the default causal-LM loss is `loss.causal_lm_loss`: the same contract and value as ``ForCausalLMLoss``,
+        with a cross entropy that exponentiates once (faster on CPU)."""
+        if not hasattr(self, "_loss_function") and getattr(self, "loss_type", None) == "ForCausalLM":
+            return causal_lm_loss
+        return super().loss_function
+
+    @loss_function.setter
+    def loss_function(self, value) -> None:
+        self._loss_function = value
 
     @property
     def backbone(self) -> Nemotron3Model:
