@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import LinearAttentionLayer
 
 from transformers_nemotron3 import Nemotron3ForCausalLM
 from transformers_nemotron3.modeling import blocks, mamba2
@@ -127,6 +128,8 @@ def test_sequence_mixer_seam_is_what_the_mixer_calls():
 class DoubledMLP(nn.Module):
     """A stand-in mixer class for the block table: ``2 * relu(x W)``."""
 
+    pattern_char = "-"  # replaces the `mlp` kind: keeps its letter
+
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -151,3 +154,82 @@ def test_block_table_builds_and_calls_each_kind(monkeypatch):
     with torch.no_grad():
         model(ids)
     assert [layer.mixer.calls for layer in model.model.layers if isinstance(layer.mixer, DoubledMLP)] == [1, 1]
+
+
+class TokenShiftState(LinearAttentionLayer):
+    """The state of a `TokenShiftMixer` layer: the last hidden vector seen, per row."""
+
+    def __init__(self, batch_size: int, hidden: int, dtype: torch.dtype, device) -> None:
+        super().__init__(number_of_states=1)
+        self.last = torch.zeros(batch_size, hidden, dtype=dtype, device=device)
+        self.seen = 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+
+class TokenShiftMixer(nn.Module):
+    """A new stateful block kind: ``proj(x_t - x_{t-1} / 2)``, carrying ``x_{t-1}`` across decode steps."""
+
+    pattern_char = "T"
+
+    @staticmethod
+    def cache_layer(config, batch_size, dtype, device):
+        return TokenShiftState(batch_size, config.hidden_size, dtype, device)
+
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x, cache=None, **layer_kwargs):
+        state = cache.layers[self.layer_idx] if cache is not None else None
+        first = state.last[:, None].to(x.dtype) if state is not None else torch.zeros_like(x[:, :1])
+        prev = torch.cat([first, x[:, :-1]], dim=1)
+        if state is not None:
+            state.last = x[:, -1].detach().clone()
+            state.seen += x.shape[1]
+        return self.proj(x - 0.5 * prev)
+
+
+def test_new_stateful_block_kind_is_one_table_entry_and_its_class(monkeypatch, tmp_path):
+    """A block kind the package does not know, with its own cache state, needs only its `MIXER_TYPES` entry and
+    its mixer class (which names its pattern letter and its cache layer): the config parses and round-trips the
+    letter, the model builds it, and cached greedy generation equals recomputing every prefix without a cache."""
+    from transformers_nemotron3 import Nemotron3Config
+
+    try:
+        tiny_config("all_blocks", hybrid_override_pattern="MT*E")
+        raise AssertionError("an unknown pattern letter must be refused")
+    except ValueError as err:
+        assert "'T'" in str(err)
+    monkeypatch.setitem(blocks.MIXER_TYPES, "token_shift", TokenShiftMixer)
+    config = tiny_config("all_blocks", hybrid_override_pattern="MT*ET")
+    assert config.layers_block_type == ["linear_attention", "token_shift", "full_attention", "moe", "token_shift"]
+    config.save_pretrained(tmp_path)
+    assert Nemotron3Config.from_pretrained(tmp_path).hybrid_override_pattern == "MT*ET"
+
+    torch.manual_seed(0)
+    model = Nemotron3ForCausalLM(config).eval()
+    assert [type(layer.mixer).__name__ for layer in model.model.layers].count("TokenShiftMixer") == 2
+    ids = torch.randint(3, config.vocab_size, (2, 5))
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                             pad_token_id=0, eos_token_id=None)
+        seq = ids
+        for _ in range(6):  # no cache: every prefix from scratch
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+    cache = out.past_key_values
+    assert isinstance(cache.layers[1], TokenShiftState) and cache.layers[1].seen == 5 + 6 - 1
+    assert torch.equal(out.sequences, seq)
+
+    class NoLetter(TokenShiftMixer):
+        pattern_char = "M"  # taken by Mamba-2
+
+    monkeypatch.setitem(blocks.MIXER_TYPES, "token_shift", NoLetter)
+    try:
+        tiny_config("all_blocks", hybrid_override_pattern="M*E")
+        raise AssertionError("a letter used twice must be refused")
+    except ValueError as err:
+        assert "'token_shift'" in str(err) and "NoLetter" in str(err)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import AttentionLayer
+
 
 def rope_inv_freq(dim: int, theta: float, scaling: dict | None = None, seq_len: int | None = None,
                   max_position_embeddings: int | None = None, device=None) -> torch.Tensor:
@@ -99,6 +101,13 @@ def eager_attention(q, k, v, mask: torch.Tensor | None, scale: float, causal: bo
 
 class Nemotron3Attention(nn.Module):
     """GQA attention with q/k/v/o projections (no biases in Nemotron 3), optional q/k norm and RoPE."""
+
+    pattern_char = "*"  # this kind's letter in ``hybrid_override_pattern``
+
+    @staticmethod
+    def cache_layer(config, batch_size: int, dtype: torch.dtype, device) -> AttentionLayer:
+        """This kind's state in `Nemotron3HybridCache`: keys and values, allocated as they arrive."""
+        return AttentionLayer()
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()

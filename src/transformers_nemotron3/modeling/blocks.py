@@ -42,11 +42,16 @@ MIXER_TYPES: dict[str, type[nn.Module]] = {
     "moe": Nemotron3MoE,
     "mlp": Nemotron3MLP,
 }
-"""Block kind (``config.layers_block_type``) -> mixer class, built as ``cls(config, layer_idx)`` and called as
-``mixer(normed_hidden, cache=cache, **layer_kwargs)`` (the model's per-forward arguments: ``attn_mask``,
+"""The block table: block kind (``config.layers_block_type``) -> mixer class, built as ``cls(config, layer_idx)`` and
+called as ``mixer(normed_hidden, cache=cache, **layer_kwargs)`` (the model's per-forward arguments: ``attn_mask``,
 ``padding_mask``, ``padding_mask_2d``, ``seq_idx``, ``position_ids`` and whatever else it was given; each mixer takes
-what it needs). A mixer returns the update, or a tuple whose first item is the update. Adding a block kind = one
-entry here + its mixer class (+ its name in the config's ``hybrid_override_pattern`` letters)."""
+what it needs). A mixer returns the update, or a tuple whose first item is the update. Each class also says
+
+- ``pattern_char``: its letter in ``hybrid_override_pattern`` (the config reads the letters from this table);
+- ``cache_layer(config, batch_size, dtype, device)`` (optional): the transformers cache layer holding its state in
+  `Nemotron3HybridCache`; kinds without it are stateless.
+
+Adding a block kind = one entry here + its mixer class (docs/architecture.md, "Adding a block kind")."""
 
 
 class Nemotron3Block(_BlockBase):

@@ -43,6 +43,13 @@ class MambaLayer(LinearAttentionLayer):
         self.history: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._base: tuple[torch.Tensor, torch.Tensor, int] | None = None  # state where recording began
 
+    @classmethod
+    def for_config(cls, config, batch_size: int, dtype: torch.dtype, device) -> MambaLayer:
+        """The zero state of one Mamba-2 layer of ``config`` (SSM state in ``config.mamba_ssm_cache_dtype``)."""
+        return cls(batch_size, config.mamba_conv_dim, config.conv_kernel,
+                   (config.mamba_num_heads, config.mamba_head_dim, config.ssm_state_size), dtype,
+                   getattr(torch, config.mamba_ssm_cache_dtype), device)
+
     # --- the names the mixer and the CPU kernels use
     @property
     def conv(self) -> torch.Tensor:
@@ -235,17 +242,13 @@ class Nemotron3HybridCache(Cache):
                  block_types: list[str] | None = None) -> None:
         self.config = config
         self.block_types = list(block_types if block_types is not None else config.layers_block_type)
-        ssm_dtype = getattr(torch, config.mamba_ssm_cache_dtype)
+        from .blocks import MIXER_TYPES  # the block table: each kind's mixer class says what state it keeps
+
         layers = []
         for kind in self.block_types:
-            if kind == "linear_attention":
-                layers.append(MambaLayer(batch_size, config.mamba_conv_dim, config.conv_kernel,
-                                         (config.mamba_num_heads, config.mamba_head_dim, config.ssm_state_size),
-                                         dtype, ssm_dtype, device))
-            elif kind == "full_attention":
-                layers.append(AttentionLayer())
-            else:
-                layers.append(DummyLayer())
+            make = getattr(MIXER_TYPES[kind], "cache_layer", None)
+            layer = make(config, batch_size, dtype, device) if make is not None else None
+            layers.append(layer if layer is not None else DummyLayer())
         super().__init__(layers=layers)
         # per model: whatever a decode backend keeps for this cache (the CPU kernels: their decode plan); bound to
         # this cache's states, so copies and pickles of the cache start without them
@@ -357,9 +360,7 @@ def mamba_layer(cache, layer_idx: int, config, batch_size: int, dtype: torch.dty
     fresh = ((isinstance(layer, LinearAttentionLayer) and not any(layer.is_conv_states_initialized.values()))
              or (type(layer) is DynamicLayer and not layer.is_initialized))
     if fresh:
-        layer = MambaLayer(batch_size, config.mamba_conv_dim, config.conv_kernel,
-                           (config.mamba_num_heads, config.mamba_head_dim, config.ssm_state_size), dtype,
-                           getattr(torch, config.mamba_ssm_cache_dtype), device)
+        layer = MambaLayer.for_config(config, batch_size, dtype, device)
         cache.layers[layer_idx] = layer
         return layer
     raise ValueError(

@@ -7,7 +7,7 @@ transformers' native config writes (``layers_block_type``). Every invalid value 
 naming the key and the fix.
 
 This file is exported next to saved weights for ``trust_remote_code``: it imports only the standard
-library, torch and transformers.
+library, torch, transformers and, for the block kinds and their pattern letters, the block table (blocks.py).
 """
 
 from __future__ import annotations
@@ -18,19 +18,32 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import PretrainedConfig
 
-# One character per layer in `hybrid_override_pattern`.
-PATTERN_TO_BLOCK = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
-BLOCK_TO_PATTERN = {v: k for k, v in PATTERN_TO_BLOCK.items()}
-# Layer-type names accepted in `layers_block_type` / `layer_types`: transformers' vocabulary (what native NemotronH
-# 5.24+ writes and this class stores) and the 5.3-era names.
-NATIVE_BLOCK_NAMES = {
-    "linear_attention": "linear_attention",
-    "full_attention": "full_attention",
-    "mamba": "linear_attention",
-    "attention": "full_attention",
-    "moe": "moe",
-    "mlp": "mlp",
-}
+# Other spellings accepted in `layers_block_type` / `layer_types` (the 5.3-era native names); every block kind is
+# also accepted under its own name.
+BLOCK_NAME_ALIASES = {"mamba": "linear_attention", "attention": "full_attention"}
+
+
+def block_letters() -> dict[str, str]:
+    """``hybrid_override_pattern`` letter -> block kind, read from the block table (``MIXER_TYPES`` in blocks.py:
+    each mixer class names its ``pattern_char``), so a new kind needs no entry here."""
+    from .blocks import MIXER_TYPES
+
+    letters: dict[str, str] = {}
+    for kind, cls in MIXER_TYPES.items():
+        char = getattr(cls, "pattern_char", None)
+        if not isinstance(char, str) or len(char) != 1 or char in letters:
+            raise ValueError(f"block kind {kind!r}: its mixer class {cls.__name__} must set `pattern_char` to one "
+                             f"character not used by another kind (got {char!r}; taken: {sorted(letters)}).")
+        letters[char] = kind
+    return letters
+
+
+def pattern_of(blocks: list[str]) -> str:
+    """The one-letter-per-layer pattern of a list of block kinds."""
+    letter = {kind: char for char, kind in block_letters().items()}
+    return "".join(letter[b] for b in blocks)
+
+
 # Legacy constructor names of NVIDIA's remote config -> the JSON keys we store.
 LEGACY_KEYS = {
     "mamba_n_groups": "n_groups",
@@ -62,22 +75,20 @@ def _as_float(value: Any) -> float:
 
 def parse_block_types(value: str | list[str], key: str) -> list[str]:
     """Turn a pattern string (``"MEM*E"``) or a list of block names into our block names."""
+    letters = block_letters()
     if isinstance(value, str):
-        bad = sorted({c for c in value if c not in PATTERN_TO_BLOCK})
+        bad = sorted({c for c in value if c not in letters})
         if bad:
-            raise ValueError(
-                f"`{key}` contains unknown layer character(s) {bad} in {value!r}; use only "
-                "'M' (Mamba-2), '*' (attention), '-' (dense MLP) and 'E' (MoE)."
-            )
-        return [PATTERN_TO_BLOCK[c] for c in value]
+            known = ", ".join(f"{c!r} ({kind})" for c, kind in letters.items())
+            raise ValueError(f"`{key}` contains unknown layer character(s) {bad} in {value!r}; use only {known}.")
+        return [letters[c] for c in value]
     if isinstance(value, (list, tuple)):
+        names = {**{kind: kind for kind in letters.values()}, **BLOCK_NAME_ALIASES}
         out = []
         for name in value:
-            if name not in NATIVE_BLOCK_NAMES:
-                raise ValueError(
-                    f"`{key}` contains unknown layer type {name!r}; use one of {sorted(NATIVE_BLOCK_NAMES)}."
-                )
-            out.append(NATIVE_BLOCK_NAMES[name])
+            if name not in names:
+                raise ValueError(f"`{key}` contains unknown layer type {name!r}; use one of {sorted(names)}.")
+            out.append(names[name])
         return out
     raise ValueError(f"`{key}` must be a pattern string like 'MEM*E' or a list of layer types, got {value!r}.")
 
@@ -266,7 +277,7 @@ class Nemotron3Config(PretrainedConfig):
         if num_hidden_layers is not None and num_hidden_layers != len(blocks):
             raise ValueError(
                 f"`num_hidden_layers`={num_hidden_layers} does not match the {len(blocks)} layers of "
-                f"`hybrid_override_pattern` {''.join(BLOCK_TO_PATTERN[b] for b in blocks)!r}; make the pattern "
+                f"`hybrid_override_pattern` {pattern_of(blocks)!r}; make the pattern "
                 "one character per layer or drop `num_hidden_layers`."
             )
         mtp_source = mtp_hybrid_override_pattern if mtp_hybrid_override_pattern is not None else mtp_layers_block_type
@@ -358,7 +369,7 @@ class Nemotron3Config(PretrainedConfig):
 
     def validate_layer_type(self) -> None:
         """transformers' layer-type check, with this family's ``mlp`` kind allowed (as native NemotronH does)."""
-        allowed = set(PATTERN_TO_BLOCK.values())
+        allowed = set(block_letters().values())
         types = self.__dict__.get("layers_block_type")
         if types is None:  # transformers' base init validates before this class has set its layers
             return
@@ -374,7 +385,7 @@ class Nemotron3Config(PretrainedConfig):
     @property
     def hybrid_override_pattern(self) -> str:
         """The layer pattern as the official one-character-per-layer string."""
-        return "".join(BLOCK_TO_PATTERN[b] for b in self.layers_block_type)
+        return pattern_of(self.layers_block_type)
 
     @hybrid_override_pattern.setter
     def hybrid_override_pattern(self, value: str | list[str]) -> None:
@@ -384,7 +395,7 @@ class Nemotron3Config(PretrainedConfig):
     @property
     def mtp_hybrid_override_pattern(self) -> str:
         """The MTP block pattern as a string (``"*E"`` for Super/Ultra)."""
-        return "".join(BLOCK_TO_PATTERN[b] for b in self.mtp_layers_block_type)
+        return pattern_of(self.mtp_layers_block_type)
 
     @mtp_hybrid_override_pattern.setter
     def mtp_hybrid_override_pattern(self, value: str | list[str]) -> None:

@@ -21,7 +21,7 @@ from torch import nn
 
 from .norms import rms_norm
 from .ssd import ssd_chunked, ssd_step
-from .cache import mamba_layer
+from .cache import MambaLayer, mamba_layer
 
 logger = logging.getLogger(__name__)
 
@@ -392,6 +392,9 @@ class Nemotron3Mamba2Mixer(nn.Module):
 
     ``sequence_mixer`` is a seam (a plain attribute, no parameters): `Mamba2SequenceMixer` by default; context
     parallelism swaps in its own. Parameters stay on this module under the official names."""
+
+    pattern_char = "M"  # this kind's letter in ``hybrid_override_pattern``
+    cache_layer = staticmethod(MambaLayer.for_config)  # its state in `Nemotron3HybridCache`: conv window + SSM state
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()

@@ -241,6 +241,8 @@ class Nemotron3MLP(nn.Module):
     """Dense non-gated MLP ``down(act(up x))``: the mixer of `-` layers (built from the config as
     ``Nemotron3MLP(config, layer_idx)``) and the shared expert (``intermediate_size`` / ``hidden_act`` given)."""
 
+    pattern_char = "-"  # this kind's letter in ``hybrid_override_pattern`` (stateless: no ``cache_layer``)
+
     def __init__(self, config, layer_idx: int | None = None, intermediate_size: int | None = None,
                  hidden_act: str | None = None) -> None:
         super().__init__()
@@ -296,6 +298,8 @@ def load_balancing_loss(scores: torch.Tensor, topk_idx: torch.Tensor, batch: int
 
 class Nemotron3MoE(nn.Module):
     """Routed experts (optionally in a latent width) plus a shared expert on the full hidden size."""
+
+    pattern_char = "E"  # this kind's letter in ``hybrid_override_pattern`` (stateless: no ``cache_layer``)
 
     def __init__(self, config, layer_idx: int | None = None) -> None:
         super().__init__()
