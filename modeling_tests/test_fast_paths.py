@@ -232,18 +232,20 @@ def test_chunked_scan_with_strong_decay_equals_reference(grad):
     torch.testing.assert_close(s1, s2, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("decay_scale, form", [(1.0, "factored 32"), (15.0, "factored 16"), (60.0, "pairwise")])
+@pytest.mark.parametrize("decay_scale, n, form", [(1.0, 5, "factored 32"), (15.0, 5, "factored 16"), (60.0, 5, "pairwise"),
+                                                   (15.0, 48, "pairwise")])
 @pytest.mark.parametrize("packed", [False, True])
-def test_chunked_scan_forms_equal_reference(decay_scale, form, packed, monkeypatch):
+def test_chunked_scan_forms_equal_reference(decay_scale, n, form, packed, monkeypatch):
     """Both in-chunk forms of `ssd_chunked` equal the recurrence, forward and gradients: the factored one (chunk
-    halved until every chunk's decay is at most ``_FACTORED_MAX_DECAY``) and the pairwise one (larger decays)."""
+    halved until every chunk's decay is at most ``_FACTORED_MAX_DECAY``, not below 16 tokens nor half the state
+    size) and the pairwise one (larger decays)."""
     from transformers_nemotron3.modeling import ssd as ssd_module
 
     ran = []
     for name in ("_ssd_factored", "_ssd_pairwise"):
         real = getattr(ssd_module, name)
         monkeypatch.setattr(ssd_module, name, lambda *a, _real=real, _n=name: ran.append((_n, a[5])) or _real(*a))
-    x, dt, A, B, C, D, init = _scan_inputs(b=2, length=37, seed=5)
+    x, dt, A, B, C, D, init = _scan_inputs(b=2, length=37, n=n, seed=5)
     ts = [x, dt, A * decay_scale, B, C, D, init]
     ts = [t.clone().requires_grad_(True) for t in ts]
     seq = torch.tensor([[0] * 12 + [1] * 20 + [2] * 5, [0] * 30 + [1] * 7]) if packed else None
@@ -303,3 +305,24 @@ def test_rms_norm_autograd_equals_reference(with_weight, dtype):
     inputs = [x, w] if with_weight else [x]
     torch.testing.assert_close(torch.autograd.grad((out * g).sum(), inputs),
                                torch.autograd.grad((ref * g).sum(), inputs))
+
+
+def test_weighted_index_add_equals_plain_form(monkeypatch):
+    """The MoE combine's `_WeightedIndexAdd` (row blocks, one gathered gradient) equals
+    ``zeros.index_add_(0, token, rows * w)`` under autograd: output and both gradients."""
+    from transformers_nemotron3.modeling import moe as moe_module
+
+    monkeypatch.setattr(moe_module, "_ROW_BLOCK_BYTES", 7 * 4 * 3)  # blocks of 3 rows of 7 floats: several blocks
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(20, 7, generator=gen, requires_grad=True)
+    w = torch.rand(20, generator=gen, requires_grad=True)
+    token = torch.randint(0, 6, (20,), generator=gen)
+    out = moe_module._WeightedIndexAdd.apply(rows, w, token, 6)
+    ref = torch.zeros(6, 7).index_add(0, token, rows * w[:, None])
+    torch.testing.assert_close(out, ref)
+    g = torch.randn(6, 7, generator=gen)
+    torch.testing.assert_close(torch.autograd.grad((out * g).sum(), [rows, w]),
+                               torch.autograd.grad((ref * g).sum(), [rows, w]))
+    only_w = moe_module._WeightedIndexAdd.apply(rows.detach(), w, token, 6)  # no gradient asked for the rows
+    ref_w = torch.zeros(6, 7).index_add(0, token, rows.detach() * w[:, None])
+    torch.testing.assert_close(torch.autograd.grad((only_w * g).sum(), w)[0], torch.autograd.grad((ref_w * g).sum(), w)[0])
