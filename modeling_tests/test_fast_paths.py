@@ -232,40 +232,51 @@ def test_chunked_scan_with_strong_decay_equals_reference(grad):
     torch.testing.assert_close(s1, s2, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("decay_scale, n, form", [(1.0, 5, "factored 32"), (15.0, 5, "factored 16"), (60.0, 5, "pairwise"),
-                                                   (15.0, 48, "pairwise")])
+@pytest.mark.parametrize("decay_scale, n, form", [(1.0, 5, "factored 64"), (6.0, 5, "factored 32"), (30.0, 5, "pairwise"),
+                                                   (6.0, 160, "pairwise"), ("head 4", 5, "mixed")])
 @pytest.mark.parametrize("packed", [False, True])
 def test_chunked_scan_forms_equal_reference(decay_scale, n, form, packed, monkeypatch):
-    """Both in-chunk forms of `ssd_chunked` equal the recurrence, forward and gradients: the factored one (chunk
-    halved until every chunk's decay is at most ``_FACTORED_MAX_DECAY``, not below 16 tokens nor half the state
-    size) and the pairwise one (larger decays)."""
+    """Every in-chunk form of `ssd_chunked` equals the recurrence, forward and gradients: the factored one (chunk
+    halved until every chunk's decay is at most ``_FACTORED_MAX_DECAY``, not below 32 tokens nor a quarter of the
+    state size), the pairwise one (larger decays), and the mix (one head of six decays too fast: factored for
+    all, pairwise for that head, which replaces its factored result)."""
     from transformers_nemotron3.modeling import ssd as ssd_module
 
     ran = []
     for name in ("_ssd_factored", "_ssd_pairwise"):
         real = getattr(ssd_module, name)
-        monkeypatch.setattr(ssd_module, name, lambda *a, _real=real, _n=name: ran.append((_n, a[5])) or _real(*a))
-    x, dt, A, B, C, D, init = _scan_inputs(b=2, length=37, n=n, seed=5)
-    ts = [x, dt, A * decay_scale, B, C, D, init]
-    ts = [t.clone().requires_grad_(True) for t in ts]
-    seq = torch.tensor([[0] * 12 + [1] * 20 + [2] * 5, [0] * 30 + [1] * 7]) if packed else None
-    y1, s1 = ssd_chunked(*ts[:5], 32, ts[5], ts[6], seq)
+        monkeypatch.setattr(ssd_module, name,
+                            lambda *a, _real=real, _n=name: ran.append((_n, a[5], a[0].shape[2])) or _real(*a))
+    x, dt, A, B, C, D, init = _scan_inputs(b=2, length=77, n=n, seed=5)
+    if form == "mixed":
+        A = A.clone()
+        A[4] = -40.0  # dt up to 0.5: hundreds per chunk for head 4 only
+    else:
+        A = A * decay_scale
+    ts = [t.clone().requires_grad_(True) for t in (x, dt, A, B, C, D, init)]
+    seq = torch.tensor([[0] * 12 + [1] * 50 + [2] * 15, [0] * 70 + [1] * 7]) if packed else None
+    y1, s1 = ssd_chunked(*ts[:5], 64, ts[5], ts[6], seq)
     y2, s2 = ssd_reference(*ts[:5], ts[5], ts[6], seq)
-    kind, size = form.split(" ") if " " in form else (form, "32")
-    assert ran == [(f"_ssd_{kind}", int(size))]
+    expected = {"factored 64": [("_ssd_factored", 64, 6)], "factored 32": [("_ssd_factored", 32, 6)],
+                "pairwise": [("_ssd_pairwise", 64, 6)],
+                "mixed": [("_ssd_factored", 64, 6), ("_ssd_pairwise", 64, 1)]}[form]
+    assert ran == expected
+    assert torch.isfinite(y1).all()
     torch.testing.assert_close(y1, y2, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(s1, s2, atol=1e-4, rtol=1e-4)
     w1, w2 = torch.randn_like(y1), torch.randn_like(s1)
     g1 = torch.autograd.grad((y1 * w1).sum() + (s1 * w2).sum(), ts)
     g2 = torch.autograd.grad((y2 * w1).sum() + (s2 * w2).sum(), ts)
     for a, b in zip(g1, g2):
+        assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, atol=1e-3 * (1 + float(b.abs().max())), rtol=1e-3)
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("outputs", ["both", "starts", "final"])
-def test_chunk_state_pass_equals_reference(outputs):
+def test_chunk_state_pass_equals_reference(outputs, scaled):
     """`ssd._StatePass` (the chunked scan's state pass with a hand-written backward) equals the op-by-op loop
-    `state_pass_reference`: forward bit for bit, gradients of init, chunk states and carries."""
+    `state_pass_reference`: forward bit for bit, gradients of init, chunk states, carries and input scales."""
     from transformers_nemotron3.modeling.ssd import _StatePass, state_pass_reference
 
     gen = torch.Generator().manual_seed(5)
@@ -273,7 +284,10 @@ def test_chunk_state_pass_equals_reference(outputs):
     init = torch.randn(b, g, r, p, n, generator=gen, requires_grad=True)
     chunk_states = torch.randn(b, nc, g, r, p, n, generator=gen, requires_grad=True)
     carry = torch.rand(b, nc, g, r, 1, 1, generator=gen).requires_grad_()
-    fast, ref = _StatePass.apply(init, chunk_states, carry), state_pass_reference(init, chunk_states, carry)
+    inputs = [init, chunk_states, carry]
+    if scaled:
+        inputs.append(torch.rand(b, nc, g, r, 1, 1, generator=gen).requires_grad_())
+    fast, ref = _StatePass.apply(*inputs), state_pass_reference(*inputs)
     for a, e in zip(fast, ref):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
     weights = [torch.randn(t.shape, generator=gen) for t in ref]
@@ -282,8 +296,7 @@ def test_chunk_state_pass_equals_reference(outputs):
     def loss(out):
         return sum((out[i] * weights[i]).sum() for i in keep)
 
-    torch.testing.assert_close(torch.autograd.grad(loss(fast), [init, chunk_states, carry]),
-                               torch.autograd.grad(loss(ref), [init, chunk_states, carry]))
+    torch.testing.assert_close(torch.autograd.grad(loss(fast), inputs), torch.autograd.grad(loss(ref), inputs))
 
 
 @pytest.mark.parametrize("with_weight", [False, True])

@@ -38,7 +38,9 @@ def ssd_chunked(
 
     Two exact forms of the in-chunk work, chosen per call: the factored one (`_ssd_factored`, GEMMs over all heads
     of a group at once) where every chunk's total decay fits in float32 (``_FACTORED_MAX_DECAY``; the chunk may be
-    halved to get there, `_factored_chunk`), else the pairwise-exponent one (any decay)."""
+    halved to get there, `_factored_chunk`), else the pairwise-exponent one (any decay). Where only a few heads
+    decay too fast (``_MIXED_MAX_SHARE``), the factored form runs for all heads and the pairwise form recomputes
+    those heads, which replace theirs."""
     b, length, h, p = x.shape
     chunk_size = max(1, min(chunk_size, length))  # exact for any chunk size; short inputs skip padding
     x, dt, A, B, C = x.float(), dt.float(), A.float(), B.float(), C.float()
@@ -53,10 +55,20 @@ def ssd_chunked(
             seq_idx[:, length:] = seq_idx[:, length - 1 : length]
     dA = dt * A  # [b, l, h], <= 0
     cs = _factored_chunk(dA.detach(), chunk_size, B.shape[-1])
+    fast = _fast_decaying_heads(dA.detach(), chunk_size) if not cs else None
     if cs:
         y, final = _ssd_factored(x, dt, dA, B, C, cs, initial_state, seq_idx)
-    else:
+    elif fast is None or fast.numel() > _MIXED_MAX_SHARE * h:
         y, final = _ssd_pairwise(x, dt, dA, B, C, chunk_size, initial_state, seq_idx)
+    else:  # factored for all heads (finite everywhere, exact where the decay fits), pairwise for the fast ones
+        y, final = _ssd_factored(x, dt, dA, B, C, chunk_size, initial_state, seq_idx)
+        group = torch.div(fast, h // B.shape[2], rounding_mode="floor")
+        y_fast, final_fast = _ssd_pairwise(
+            x.index_select(2, fast), dt.index_select(2, fast), dA.index_select(2, fast), B.index_select(2, group),
+            C.index_select(2, group), chunk_size,
+            None if initial_state is None else initial_state.float().index_select(1, fast), seq_idx)
+        y = y.index_copy(2, fast, y_fast)
+        final = final.index_copy(1, fast, final_fast)
     y = y[:, :length]
     if D is not None:
         y = torch.addcmul(y, x[:, :length], D.float()[:, None])
@@ -68,19 +80,32 @@ _FACTORED_MAX_DECAY = 80.0
 within ``exp(40)`` (far from float32 overflow, and from subnormals after multiplying by gradients)."""
 
 
+_MIXED_MAX_SHARE = 0.4
+"""Largest share of heads recomputed by the pairwise form beside a factored pass over all heads (the factored
+pass costs about half the pairwise one on the benchmark shapes, so beyond this the pairwise form alone is cheaper)."""
+
+
+def _fast_decaying_heads(dA: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Indices of the heads with some chunk of ``chunk_size`` tokens decaying by more than ``_FACTORED_MAX_DECAY``."""
+    b, length, h = dA.shape
+    decay = -dA.view(b, length // chunk_size, chunk_size, h).sum(2).amin(dim=(0, 1))
+    return (decay > _FACTORED_MAX_DECAY).nonzero()[:, 0]
+
+
 def _factored_chunk(dA: torch.Tensor, chunk_size: int, state_size: int) -> int:
     """The chunk length for `_ssd_factored`: ``chunk_size``, halved while some chunk's decay exceeds
     ``_FACTORED_MAX_DECAY``; 0 where none fits (then the pairwise form runs at ``chunk_size``).
 
-    Halving doubles the chunk-boundary states (``[b, chunks, h, p, n]``), so it stops at 16 tokens and at
-    ``state_size / 2``: below that the states outweigh the in-chunk work the factored form saves (2-core CPU,
-    fwd+bwd: n=64 factored at 32 beats pairwise at 64 by 15 %; n=128 factored at 32 loses by 50 %)."""
+    Halving doubles the chunk-boundary states (``[b, chunks, h, p, n]``), so it stops at 32 tokens and at
+    ``state_size / 4``: below that the states outweigh the in-chunk work the factored form saves. Scan fwd+bwd on a
+    2-core CPU, pairwise at 64 / factored at 64, 32, 16 (ms): n=64 (tiny) 35 / 18, 22, 43; n=128 (small) 252 / 134,
+    203, 351."""
     b, length, h = dA.shape
     cs = chunk_size
     while True:
         if -dA.view(b, length // cs, cs, h).sum(2).min() <= _FACTORED_MAX_DECAY:
             return cs
-        if cs % 2 or cs // 2 < max(16, state_size // 2):
+        if cs % 2 or cs // 2 < max(32, state_size // 4):
             return 0
         cs //= 2
 
@@ -92,8 +117,9 @@ def _ssd_factored(x, dt, dA, B, C, cs, initial_state, seq_idx):
 
     - in-chunk output ``y_i = exp(a_i) sum_{j<=i} (C_i . B_j) u_j``: one GEMM per group, ``[cs, cs] @ [cs, r*p]``
       (the heads of a group share B and C), instead of a ``[cs, cs]`` exponent table per head;
-    - the chunk's contribution to its end state: ``exp(a_end) u^T B``;
-    - the entering state's contribution: ``exp(a_i) C_i (exp(A_end / 2) S)``, added by the same GEMM call.
+    - the chunk's contribution to its end state: ``exp(a_end) u^T B`` (the scale applied inside the state pass);
+    - the entering state's contribution: ``exp(a_i) C_i (exp(A_end / 2) S)``, added by the same GEMM call (the
+      state pass carries ``exp(A_end / 2) S`` directly).
 
     No ``[cs, cs]``-per-head tensor exists, forward or backward. ``|a| <= decay / 2 <= 40`` (`_factored_chunk`).
     Packing masks go on the ``[cs, cs]`` C.B table and on B and C, not on x-sized tensors."""
@@ -103,7 +129,9 @@ def _ssd_factored(x, dt, dA, B, C, cs, initial_state, seq_idx):
     nc = length // cs
     A_cum = torch.cumsum(dA.view(b, nc, cs, h), dim=2)  # [b, c, cs, h]
     half_end = (0.5 * A_cum[:, :, -1:]).detach()  # the output does not depend on the split point: no gradient
-    a = A_cum - half_end
+    # |a| <= 40 wherever the decay fits; the clamp only keeps heads that do not fit finite (their results are
+    # replaced by the pairwise form's, see `ssd_chunked`)
+    a = (A_cum - half_end).clamp(-0.5 * _FACTORED_MAX_DECAY, 0.5 * _FACTORED_MAX_DECAY)
     # u in the GEMM layout [b, c, g, j, r, p]; exp(-a) <= exp(40)
     scale_in = (dt.view(b, nc, cs, h) * torch.exp(-a)).view(b, nc, cs, g, r, 1)
     u = (x.view(b, nc, cs, g, r, p) * scale_in).transpose(2, 3).contiguous().view(b, nc, g, cs, r * p)
@@ -120,20 +148,23 @@ def _ssd_factored(x, dt, dA, B, C, cs, initial_state, seq_idx):
     else:
         CB = torch.matmul(Cc, Bc.transpose(-1, -2)).masked_fill(~causal, 0.0)  # [b, c, g, i, j]
 
-    # chunk states at their own ends: exp(a_end) u^T B, [b, c, g, r, p, n]
-    e_end = torch.exp(a[:, :, -1]).view(b, nc, g, r, 1, 1)
-    chunk_states = torch.matmul(u.transpose(-1, -2), Bc).view(b, nc, g, r, p, n) * e_end
+    # The state pass runs on T_c = exp(h_c) S_c (h = A_end / 2 per chunk, h = 0 after the last chunk): T_c is what
+    # the output needs, and T_{c+1} = exp(h_c + h_{c+1}) T_c + exp(a_end_c + h_{c+1}) u_c^T B_c with factors <= 1
+    h_c = half_end.view(b, nc, g, r, 1, 1)
+    h_next = torch.cat([h_c[:, 1:], torch.zeros_like(h_c[:, :1])], dim=1)
+    raw_states = torch.matmul(u.transpose(-1, -2), Bc).view(b, nc, g, r, p, n)  # u_c^T B_c
+    in_scale = torch.exp(a[:, :, -1].view(b, nc, g, r, 1, 1) + h_next)
     if initial_state is None:
         init = torch.zeros(b, g, r, p, n, dtype=x.dtype, device=x.device)
     else:
-        init = initial_state.float().view(b, g, r, p, n)
-    carry = torch.exp(A_cum[:, :, -1]).view(b, nc, g, r, 1, 1)
+        init = initial_state.float().view(b, g, r, p, n) * torch.exp(h_c[:, 0])
+    carry = torch.exp(A_cum[:, :, -1].view(b, nc, g, r, 1, 1) - h_c + h_next)
     if seq_idx is not None:
         carry = carry * (owner[:, 1:] == owner[:, :-1])[:, :, None, None, None, None]
-    start_states, final_state = _StatePass.apply(init, chunk_states, carry)
+    s_in, final_state = _StatePass.apply(init, raw_states, carry, in_scale)
 
-    # y_i = exp(a_i) (C_i (exp(A_end / 2) S_start) + sum_j CB_ij u_j): entering state and in-chunk part in one baddbmm
-    s_in = (start_states * torch.exp(half_end).view(b, nc, g, r, 1, 1)).view(b * nc * g, r * p, n)
+    # y_i = exp(a_i) (C_i T_c + sum_j CB_ij u_j): the entering state and the in-chunk part in one baddbmm
+    s_in = s_in.view(b * nc * g, r * p, n)
     y = torch.baddbmm(torch.bmm(Cc.reshape(b * nc * g, cs, n), s_in.transpose(1, 2)),
                       CB.reshape(b * nc * g, cs, cs), u.view(b * nc * g, cs, r * p))
     y = y.view(b, nc, g, cs, r, p).transpose(2, 3) * torch.exp(a).view(b, nc, cs, g, r, 1)
@@ -212,14 +243,17 @@ def _ssd_pairwise(x, dt, dA, B, C, chunk_size, initial_state, seq_idx):
     return y, final_state.reshape(b, h, p, n)
 
 
-def state_pass_reference(init: torch.Tensor, chunk_states: torch.Tensor, carry: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 3 of `ssd_chunked` op by op: ``S_0 = init``, ``S_{c+1} = chunk_states_c + carry_c S_c``; returns the
-    states entering the chunks ``[b, c, ...]`` and the final one (autograd's backward; `_StatePass` is tested
-    against it)."""
+def state_pass_reference(init: torch.Tensor, chunk_states: torch.Tensor, carry: torch.Tensor,
+                         in_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3 of `ssd_chunked` op by op: ``S_0 = init``, ``S_{c+1} = in_scale_c chunk_states_c + carry_c S_c``
+    (``in_scale`` 1 when None); returns the states entering the chunks ``[b, c, ...]`` and the final one
+    (autograd's backward; `_StatePass` is tested against it)."""
     starts = [init]
-    for cs_c, carry_c in zip(chunk_states.unbind(1), carry.unbind(1)):
-        starts.append(torch.addcmul(cs_c, starts[-1], carry_c))
+    for c, (cs_c, carry_c) in enumerate(zip(chunk_states.unbind(1), carry.unbind(1))):
+        if in_scale is None:
+            starts.append(torch.addcmul(cs_c, starts[-1], carry_c))
+        else:
+            starts.append(torch.addcmul(starts[-1] * carry_c, cs_c, in_scale[:, c]))
     final = starts.pop()
     return torch.stack(starts, dim=1), final
 
@@ -227,29 +261,37 @@ def state_pass_reference(init: torch.Tensor, chunk_states: torch.Tensor, carry: 
 class _StatePass(torch.autograd.Function):
     """`state_pass_reference` with the states written into one buffer and a hand-written backward.
 
-    Forward: the same ``addcmul`` per chunk (bit for bit), written in place of ``stack``-ing a list. Backward, from
+    Forward: the same ops per chunk (bit for bit), written in place of ``stack``-ing a list. Backward, from
     the last chunk back: ``dS_c = dstart_c + carry_c dS_{c+1}`` (one ``addcmul`` per chunk, into the gradient of
     ``chunk_states`` directly) and ``dcarry = sum_{p,n} dS_{c+1} S_c`` for all chunks at once, instead of autograd's
     five ops per chunk on its record of the loop (a sequential pass over small tensors, ~20 % of the scan's
-    backward on the small benchmark model).
+    backward on the small benchmark model). With ``in_scale`` (per chunk and head) the chunk states are scaled
+    inside the loop, on chunk-sized slices, instead of by a pass over all of them.
     """
 
     @staticmethod
-    def forward(ctx, init, chunk_states, carry):
+    def forward(ctx, init, chunk_states, carry, in_scale=None):
         nc = chunk_states.shape[1]
         starts = torch.empty_like(chunk_states)
         starts[:, 0] = init
         final = torch.empty_like(init)
         for c in range(nc):
-            torch.addcmul(chunk_states[:, c], starts[:, c], carry[:, c], out=starts[:, c + 1] if c + 1 < nc else final)
-        ctx.save_for_backward(starts, carry)
+            out = starts[:, c + 1] if c + 1 < nc else final
+            if in_scale is None:
+                torch.addcmul(chunk_states[:, c], starts[:, c], carry[:, c], out=out)
+            else:
+                torch.mul(starts[:, c], carry[:, c], out=out).addcmul_(chunk_states[:, c], in_scale[:, c])
+        if in_scale is None:
+            ctx.save_for_backward(starts, carry)
+        else:
+            ctx.save_for_backward(starts, carry, chunk_states, in_scale)
         return starts, final
 
     @staticmethod
     def backward(ctx, g_starts, g_final):
-        starts, carry = ctx.saved_tensors
+        starts, carry = ctx.saved_tensors[:2]
         nc = starts.shape[1]
-        g_cs = torch.empty_like(starts)  # dS_{c+1} = gradient of chunk_states[:, c]
+        g_cs = torch.empty_like(starts)  # dS_{c+1} (the gradient of chunk_states[:, c] when in_scale is None)
         if g_final is None:
             g_cs[:, nc - 1] = 0
         else:
@@ -259,13 +301,20 @@ class _StatePass(torch.autograd.Function):
                 torch.mul(g_cs[:, c], carry[:, c], out=g_cs[:, c - 1])
             else:
                 torch.addcmul(g_starts[:, c], g_cs[:, c], carry[:, c], out=g_cs[:, c - 1])
-        g_init = g_g_carry = None
+        g_init = g_g_carry = g_in_scale = None
         if ctx.needs_input_grad[0]:
             g_init = g_cs[:, 0] * carry[:, 0] if g_starts is None else torch.addcmul(g_starts[:, 0], g_cs[:, 0],
                                                                                       carry[:, 0])
         if ctx.needs_input_grad[2]:
             g_g_carry = (g_cs * starts).sum((-2, -1), keepdim=True)
-        return g_init, g_cs if ctx.needs_input_grad[1] else None, g_g_carry
+        g_chunk_states = g_cs if ctx.needs_input_grad[1] else None
+        if len(ctx.saved_tensors) > 2:
+            chunk_states, in_scale = ctx.saved_tensors[2:]
+            if ctx.needs_input_grad[3]:
+                g_in_scale = (g_cs * chunk_states).sum((-2, -1), keepdim=True)
+            if g_chunk_states is not None:
+                g_chunk_states = g_cs.mul_(in_scale)
+        return g_init, g_chunk_states, g_g_carry, g_in_scale
 
 
 def ssd_reference(
