@@ -289,7 +289,8 @@ class _StatePass(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_starts, g_final):
-        starts, carry = ctx.saved_tensors[:2]
+        saved = ctx.saved_tensors  # unpacked once (activation checkpointing allows no second unpack)
+        starts, carry = saved[:2]
         nc = starts.shape[1]
         g_cs = torch.empty_like(starts)  # dS_{c+1} (the gradient of chunk_states[:, c] when in_scale is None)
         if g_final is None:
@@ -308,8 +309,8 @@ class _StatePass(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             g_g_carry = (g_cs * starts).sum((-2, -1), keepdim=True)
         g_chunk_states = g_cs if ctx.needs_input_grad[1] else None
-        if len(ctx.saved_tensors) > 2:
-            chunk_states, in_scale = ctx.saved_tensors[2:]
+        if len(saved) > 2:
+            chunk_states, in_scale = saved[2:]
             if ctx.needs_input_grad[3]:
                 g_in_scale = (g_cs * chunk_states).sum((-2, -1), keepdim=True)
             if g_chunk_states is not None:
