@@ -118,3 +118,32 @@ def test_cp2_x_ep2_folded_on_4_processes():
     experts = tiny_config("all_blocks").n_routed_experts
     assert results[0]["len20_packed"]["expert_rows"] == [experts // 2]  # ep=2; replicated over edp
     assert results[0]["len20_packed_fsdp2"]["expert_rows"] == [experts // 4]  # ep=2, then FSDP2 over edp=2
+
+
+def _cp_eval(rank, world, cp, ep, length, packed):
+    """Evaluation under CP: eval mode, no autograd; the loss equals one process's on the same rows."""
+    torch.manual_seed(0)
+    model = Nemotron3ForCausalLM(tiny_config("all_blocks")).float().train()
+    pcfg = Nemotron3ParallelConfig(context_parallel_size=cp, expert_parallel_size=ep)
+    dp = world // cp
+    ids, pos = _inputs(2 * dp, length, model.config.vocab_size, packed)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).eval()
+        ref_loss = sum(float(ref(ids[2 * d:2 * d + 2], labels=ids[2 * d:2 * d + 2], position_ids=pos[2 * d:2 * d + 2]).loss)
+                       for d in range(dp)) / dp
+    par = prepare_nemotron3_parallel(model, pcfg)
+    par.model.eval()
+    with torch.no_grad():
+        out = par.model(**par.shard_batch({"input_ids": ids, "position_ids": pos}))
+        loss = par.mean_loss(out.loss)
+    loads = [m.gate.expert_load for m in par.base.modules() if hasattr(m, "gate") and hasattr(m.gate, "expert_load")]
+    return {"loss_diff": abs(loss - ref_loss), "training": par.base.training, "loads": [x is None for x in loads]}
+
+
+def test_cp2_x_ep2_evaluation_equals_single_process():
+    """Evaluation (model.eval(), no_grad) under CP=2 x EP=2 on 4 processes, packed rows needing right padding:
+    the loss equals one process's, and evaluation counts no router load (no bias update follows from it)."""
+    results = run_processes(_cp_eval, 4, (2, 2, 19, True), timeout=240)
+    for r in results:
+        assert r["loss_diff"] < TOL and not r["training"], r
+        assert r["loads"] and all(r["loads"]), r
