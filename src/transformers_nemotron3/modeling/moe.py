@@ -190,6 +190,11 @@ class LocalDispatcher:
 _ROW_BLOCK_BYTES = 8 << 20  # row blocks of `_WeightedIndexAdd`: temporaries the allocator reuses (no page faults)
 
 
+def _row_blocks(rows: torch.Tensor) -> range:
+    """Start rows of blocks of about ``_ROW_BLOCK_BYTES``; each block is ``rows[s:s + blocks.step]``."""
+    return range(0, rows.shape[0], max(1, _ROW_BLOCK_BYTES // max(1, rows.shape[1] * rows.element_size())))
+
+
 class _WeightedIndexAdd(torch.autograd.Function):
     """``zeros(T, H).index_add_(0, token, rows * w[:, None])`` with autograd, in row blocks.
 
@@ -202,8 +207,9 @@ class _WeightedIndexAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: torch.Tensor, w: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:
         result = rows.new_zeros(num_tokens, rows.shape[1])
-        step = max(1, _ROW_BLOCK_BYTES // max(1, rows.shape[1] * rows.element_size()))
-        for s in range(0, rows.shape[0], step):
+        blocks = _row_blocks(rows)
+        step = blocks.step
+        for s in blocks:
             result.index_add_(0, token[s:s + step], rows[s:s + step] * w[s:s + step, None])
         ctx.save_for_backward(rows, w, token)
         return result
@@ -215,8 +221,9 @@ class _WeightedIndexAdd(torch.autograd.Function):
         g_w = None
         if ctx.needs_input_grad[1]:
             g_w = torch.empty_like(w)
-            step = max(1, _ROW_BLOCK_BYTES // max(1, rows.shape[1] * rows.element_size()))
-            for s in range(0, rows.shape[0], step):
+            blocks = _row_blocks(rows)
+            step = blocks.step
+            for s in blocks:
                 torch.sum(g_rows[s:s + step] * rows[s:s + step], dim=-1, out=g_w[s:s + step])
         if ctx.needs_input_grad[0]:
             g_rows.mul_(w[:, None])

@@ -38,7 +38,7 @@ def ssd_chunked(
 
     Two exact forms of the in-chunk work, chosen per call: the factored one (`_ssd_factored`, GEMMs over all heads
     of a group at once) where every chunk's total decay fits in float32 (``_FACTORED_MAX_DECAY``; the chunk may be
-    halved to get there, `_factored_chunk`), else the pairwise-exponent one (any decay). Where only a few heads
+    halved to get there, `_halved_chunk`), else the pairwise-exponent one (any decay). Where only a few heads
     decay too fast (``_MIXED_MAX_SHARE``), the factored form runs for all heads and the pairwise form recomputes
     those heads, which replace theirs."""
     b, length, h, p = x.shape
@@ -54,11 +54,11 @@ def ssd_chunked(
             seq_idx = F.pad(seq_idx, (0, pad), value=0)
             seq_idx[:, length:] = seq_idx[:, length - 1 : length]
     dA = dt * A  # [b, l, h], <= 0
-    cs = _factored_chunk(dA.detach(), chunk_size, B.shape[-1])
-    fast = _fast_decaying_heads(dA.detach(), chunk_size) if not cs else None
+    fast = (_max_chunk_decay(dA.detach(), chunk_size) > _FACTORED_MAX_DECAY).nonzero()[:, 0]  # heads too fast
+    cs = chunk_size if not fast.numel() else _halved_chunk(dA.detach(), chunk_size, B.shape[-1])
     if cs:
         y, final = _ssd_factored(x, dt, dA, B, C, cs, initial_state, seq_idx)
-    elif fast is None or fast.numel() > _MIXED_MAX_SHARE * h:
+    elif fast.numel() > _MIXED_MAX_SHARE * h:
         y, final = _ssd_pairwise(x, dt, dA, B, C, chunk_size, initial_state, seq_idx)
     else:  # factored for all heads (finite everywhere, exact where the decay fits), pairwise for the fast ones
         y, final = _ssd_factored(x, dt, dA, B, C, chunk_size, initial_state, seq_idx)
@@ -85,29 +85,26 @@ _MIXED_MAX_SHARE = 0.4
 pass costs about half the pairwise one on the benchmark shapes, so beyond this the pairwise form alone is cheaper)."""
 
 
-def _fast_decaying_heads(dA: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Indices of the heads with some chunk of ``chunk_size`` tokens decaying by more than ``_FACTORED_MAX_DECAY``."""
+def _max_chunk_decay(dA: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Per head, the largest decay ``-sum(dt * A)`` of any chunk of ``chunk_size`` tokens, [h]."""
     b, length, h = dA.shape
-    decay = -dA.view(b, length // chunk_size, chunk_size, h).sum(2).amin(dim=(0, 1))
-    return (decay > _FACTORED_MAX_DECAY).nonzero()[:, 0]
+    return -dA.view(b, length // chunk_size, chunk_size, h).sum(2).amin(dim=(0, 1))
 
 
-def _factored_chunk(dA: torch.Tensor, chunk_size: int, state_size: int) -> int:
-    """The chunk length for `_ssd_factored`: ``chunk_size``, halved while some chunk's decay exceeds
-    ``_FACTORED_MAX_DECAY``; 0 where none fits (then the pairwise form runs at ``chunk_size``).
+def _halved_chunk(dA: torch.Tensor, chunk_size: int, state_size: int) -> int:
+    """A chunk length below ``chunk_size`` (halving) at which every chunk's decay fits `_ssd_factored`; 0 where none
+    does (then the mixed or the pairwise form runs at ``chunk_size``).
 
     Halving doubles the chunk-boundary states (``[b, chunks, h, p, n]``), so it stops at 32 tokens and at
     ``state_size / 4``: below that the states outweigh the in-chunk work the factored form saves. Scan fwd+bwd on a
     2-core CPU, pairwise at 64 / factored at 64, 32, 16 (ms): n=64 (tiny) 35 / 18, 22, 43; n=128 (small) 252 / 134,
     203, 351."""
-    b, length, h = dA.shape
     cs = chunk_size
-    while True:
-        if -dA.view(b, length // cs, cs, h).sum(2).min() <= _FACTORED_MAX_DECAY:
-            return cs
-        if cs % 2 or cs // 2 < max(32, state_size // 4):
-            return 0
+    while not cs % 2 and cs // 2 >= max(32, state_size // 4):
         cs //= 2
+        if _max_chunk_decay(dA, cs).max() <= _FACTORED_MAX_DECAY:
+            return cs
+    return 0
 
 
 def _ssd_factored(x, dt, dA, B, C, cs, initial_state, seq_idx):
@@ -121,7 +118,7 @@ def _ssd_factored(x, dt, dA, B, C, cs, initial_state, seq_idx):
     - the entering state's contribution: ``exp(a_i) C_i (exp(A_end / 2) S)``, added by the same GEMM call (the
       state pass carries ``exp(A_end / 2) S`` directly).
 
-    No ``[cs, cs]``-per-head tensor exists, forward or backward. ``|a| <= decay / 2 <= 40`` (`_factored_chunk`).
+    No ``[cs, cs]``-per-head tensor exists, forward or backward. ``|a| <= decay / 2 <= 40`` (`ssd_chunked` chooses the form).
     Packing masks go on the ``[cs, cs]`` C.B table and on B and C, not on x-sized tensors."""
     b, length, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
