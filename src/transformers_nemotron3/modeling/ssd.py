@@ -56,23 +56,25 @@ def ssd_chunked(
     dA = dt * A  # [b, l, h], <= 0
     fast = (_max_chunk_decay(dA.detach(), chunk_size) > _FACTORED_MAX_DECAY).nonzero()[:, 0]  # heads too fast
     cs = chunk_size if not fast.numel() else _halved_chunk(dA.detach(), chunk_size, B.shape[-1])
-    if cs:
-        y, final = _ssd_factored(x, dt, dA, B, C, cs, initial_state, seq_idx)
+    if cs:  # the factored forms add D x themselves
+        y, final = _ssd_factored(x, dt, dA, B, C, cs, initial_state, seq_idx, D)
     elif fast.numel() > _MIXED_MAX_SHARE * h:
         y, final = _ssd_pairwise(x, dt, dA, B, C, chunk_size, initial_state, seq_idx)
+        if D is not None:
+            y = torch.addcmul(y, x, D.float()[:, None])
     else:  # factored for all heads (finite everywhere, exact where the decay fits), pairwise for the fast ones
-        y, final = _ssd_factored(x, dt, dA, B, C, chunk_size, initial_state, seq_idx)
+        y, final = _ssd_factored(x, dt, dA, B, C, chunk_size, initial_state, seq_idx, D)
         group = torch.div(fast, h // B.shape[2], rounding_mode="floor")
+        x_fast = x.index_select(2, fast)
         y_fast, final_fast = _ssd_pairwise(
-            x.index_select(2, fast), dt.index_select(2, fast), dA.index_select(2, fast), B.index_select(2, group),
+            x_fast, dt.index_select(2, fast), dA.index_select(2, fast), B.index_select(2, group),
             C.index_select(2, group), chunk_size,
             None if initial_state is None else initial_state.float().index_select(1, fast), seq_idx)
+        if D is not None:
+            y_fast = torch.addcmul(y_fast, x_fast, D.float().index_select(0, fast)[:, None])
         y = y.index_copy(2, fast, y_fast)
         final = final.index_copy(1, fast, final_fast)
-    y = y[:, :length]
-    if D is not None:
-        y = torch.addcmul(y, x[:, :length], D.float()[:, None])
-    return y, final
+    return y[:, :length], final
 
 
 _FACTORED_MAX_DECAY = 80.0
@@ -107,7 +109,7 @@ def _halved_chunk(dA: torch.Tensor, chunk_size: int, state_size: int) -> int:
     return 0
 
 
-def _ssd_factored(x, dt, dA, B, C, cs, initial_state, seq_idx):
+def _ssd_factored(x, dt, dA, B, C, cs, initial_state, seq_idx, D=None):
     """The scan on whole chunks with ``exp(A_i - A_j) = exp(a_i) exp(-a_j)``, ``a = A_cum - A_end / 2`` per chunk.
 
     In chunk c, with ``u_j = exp(-a_j) dt_j x_j`` (x-sized, shared by every product below):
@@ -119,7 +121,9 @@ def _ssd_factored(x, dt, dA, B, C, cs, initial_state, seq_idx):
       state pass carries ``exp(A_end / 2) S`` directly).
 
     No ``[cs, cs]``-per-head tensor exists, forward or backward. ``|a| <= decay / 2 <= 40`` (`ssd_chunked` chooses the form).
-    Packing masks go on the ``[cs, cs]`` C.B table and on B and C, not on x-sized tensors."""
+    Packing masks go on the ``[cs, cs]`` C.B table and on B and C, not on x-sized tensors. The per-token factors
+    (small, ``[b, l, h]``) are built here with autograd; the x-sized work runs in `_FactoredCore` (plus ``D x``
+    when ``D`` is given)."""
     b, length, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g
@@ -129,27 +133,22 @@ def _ssd_factored(x, dt, dA, B, C, cs, initial_state, seq_idx):
     # |a| <= 40 wherever the decay fits; the clamp only keeps heads that do not fit finite (their results are
     # replaced by the pairwise form's, see `ssd_chunked`)
     a = (A_cum - half_end).clamp(-0.5 * _FACTORED_MAX_DECAY, 0.5 * _FACTORED_MAX_DECAY)
-    # u in the GEMM layout [b, c, g, j, r, p]; exp(-a) <= exp(40)
-    scale_in = (dt.view(b, nc, cs, h) * torch.exp(-a)).view(b, nc, cs, g, r, 1)
-    u = (x.view(b, nc, cs, g, r, p) * scale_in).transpose(2, 3).contiguous().view(b, nc, g, cs, r * p)
+    scale_in = dt.view(b, nc, cs, h) * torch.exp(-a)  # u = x * scale_in; exp(-a) <= exp(40)
+    scale_out = torch.exp(a)
     Bc = B.view(b, nc, cs, g, n).transpose(2, 3)  # [b, c, g, cs, n]
     Cc = C.view(b, nc, cs, g, n).transpose(2, 3)
-    causal = torch.ones(cs, cs, dtype=torch.bool, device=x.device).tril()  # j <= i, [i, j]
+    keep = masks = None
     if seq_idx is not None:
         sc = seq_idx.view(b, nc, cs)
-        keep = (sc[:, :, :, None] == sc[:, :, None, :]) & causal  # [b, c, i, j]
-        CB = torch.matmul(Cc, Bc.transpose(-1, -2)) * keep[:, :, None]
-        Bc = Bc * (sc == sc[:, :, -1:])[:, :, None, :, None]  # tokens of the sequence that owns the chunk's end
+        keep = sc[:, :, :, None] == sc[:, :, None, :]  # [b, c, i, j]: same packed sequence
         owner = torch.cat([sc[:, :1, 0], sc[:, :, -1]], dim=1)  # sequence owning each boundary state
-        Cc = Cc * (sc == owner[:, :-1, None])[:, :, None, :, None]  # tokens that continue the entering state
-    else:
-        CB = torch.matmul(Cc, Bc.transpose(-1, -2)).masked_fill(~causal, 0.0)  # [b, c, g, i, j]
+        # B of the tokens of the sequence that owns the chunk's end state; C of those that continue the entering one
+        masks = torch.stack([sc == sc[:, :, -1:], sc == owner[:, :-1, None]]).to(x.dtype)[:, :, :, None, :, None]
 
     # The state pass runs on T_c = exp(h_c) S_c (h = A_end / 2 per chunk, h = 0 after the last chunk): T_c is what
     # the output needs, and T_{c+1} = exp(h_c + h_{c+1}) T_c + exp(a_end_c + h_{c+1}) u_c^T B_c with factors <= 1
     h_c = half_end.view(b, nc, g, r, 1, 1)
     h_next = torch.cat([h_c[:, 1:], torch.zeros_like(h_c[:, :1])], dim=1)
-    raw_states = torch.matmul(u.transpose(-1, -2), Bc).view(b, nc, g, r, p, n)  # u_c^T B_c
     in_scale = torch.exp(a[:, :, -1].view(b, nc, g, r, 1, 1) + h_next)
     if initial_state is None:
         init = torch.zeros(b, g, r, p, n, dtype=x.dtype, device=x.device)
@@ -158,14 +157,131 @@ def _ssd_factored(x, dt, dA, B, C, cs, initial_state, seq_idx):
     carry = torch.exp(A_cum[:, :, -1].view(b, nc, g, r, 1, 1) - h_c + h_next)
     if seq_idx is not None:
         carry = carry * (owner[:, 1:] == owner[:, :-1])[:, :, None, None, None, None]
-    s_in, final_state = _StatePass.apply(init, raw_states, carry, in_scale)
+    y, final_state = _FactoredCore.apply(x, scale_in, scale_out, Bc, Cc, keep, masks, carry, in_scale, init, D)
+    return y, final_state.reshape(b, h, p, n)
 
-    # y_i = exp(a_i) (C_i T_c + sum_j CB_ij u_j): the entering state and the in-chunk part in one baddbmm
-    s_in = s_in.view(b * nc * g, r * p, n)
-    y = torch.baddbmm(torch.bmm(Cc.reshape(b * nc * g, cs, n), s_in.transpose(1, 2)),
-                      CB.reshape(b * nc * g, cs, cs), u.view(b * nc * g, cs, r * p))
-    y = y.view(b, nc, g, cs, r, p).transpose(2, 3) * torch.exp(a).view(b, nc, cs, g, r, 1)
-    return y.reshape(b, length, h, p), final_state.reshape(b, h, p, n)
+
+def _mul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[...] = a * b`` in one pass, ``out`` possibly a transposed view of a contiguous buffer (a layout change
+    for free). Under torch.compile the product is copied in instead: compiled ``out=`` writes may keep ``a``'s
+    layout rather than ``out``'s."""
+    if torch.compiler.is_compiling():
+        out.copy_(a * b)
+    else:
+        torch.mul(a, b, out=out)
+
+
+class _FactoredCore(torch.autograd.Function):
+    """The x-sized part of `_ssd_factored`, with a hand-written backward.
+
+    Forward (per batch, chunk c and group): ``u = x * scale_in`` written once into the GEMM layout
+    ``[cs, r*p]``; ``CB = C B^T`` (causal, same-sequence); chunk states ``u^T B'``; the state pass (`_StatePass`'s
+    loop); ``yy = C' T^T + CB u`` in one ``baddbmm``; ``y = yy * scale_out (+ D x)`` written once in x's layout.
+    With packing, ``B' = B * masks[0]`` and ``C' = C * masks[1]`` (tokens of the sequence owning the chunk's end
+    state, tokens continuing the entering one); without, ``B' = B``, ``C' = C``.
+
+    Backward: the transposes of those GEMMs, accumulated in place (``baddbmm_``) where two products feed one
+    gradient, and each x-sized gradient written once in the layout its consumer reads. Autograd's record of the
+    same ops keeps layout copies of ``u`` and ``y``, sums two gradients of ``u``, and writes every elementwise
+    product as a new tensor: about half of the scan's elementwise passes. Tested against the recurrence
+    (`ssd_reference`), values and every gradient, packed and not (test_fast_paths.py)."""
+
+    @staticmethod
+    def forward(ctx, x, scale_in, scale_out, Bc, Cc, keep, masks, carry, in_scale, init, D):
+        with torch.autocast(x.device.type, enabled=False):  # float32 throughout, as the SSM state
+            return _FactoredCore._forward(ctx, x, scale_in, scale_out, Bc, Cc, keep, masks, carry, in_scale, init, D)
+
+    @staticmethod
+    def backward(ctx, g_y, g_final):
+        with torch.autocast(g_final.device.type if g_final is not None else g_y.device.type, enabled=False):
+            return _FactoredCore._backward(ctx, g_y.float() if g_y is not None else None,
+                                           g_final.float() if g_final is not None else None)
+
+    @staticmethod
+    def _forward(ctx, x, scale_in, scale_out, Bc, Cc, keep, masks, carry, in_scale, init, D):
+        b, length, h, p = x.shape
+        _, nc, g, cs, n = Bc.shape
+        r = h // g
+        rows = b * nc * g
+        Bc, Cc = Bc.contiguous(), Cc.contiguous()
+        x6 = x.view(b, nc, cs, g, r, p)
+        u = x.new_empty(b, nc, g, cs, r, p)
+        _mul_into(x6, scale_in.view(b, nc, cs, g, r, 1), u.transpose(2, 3))
+        mask = torch.ones(cs, cs, dtype=torch.bool, device=x.device).tril()  # j <= i, [i, j]
+        if keep is not None:
+            mask = (mask & keep)[:, :, None]  # [b, c, 1, i, j]
+        CB = torch.matmul(Cc, Bc.transpose(-1, -2)).masked_fill_(~mask, 0.0)  # [b, c, g, i, j]
+        # reshape, not view, for what out= wrote: under torch.compile out= may hand back another layout
+        u3, B3, C3, CB3 = u.reshape(rows, cs, r * p), Bc.view(rows, cs, n), Cc.view(rows, cs, n), CB.view(rows, cs, cs)
+        Bs, Cs = (B3, C3) if masks is None else ((Bc * masks[0]).view(rows, cs, n), (Cc * masks[1]).view(rows, cs, n))
+        raw = torch.bmm(u3.transpose(1, 2), Bs).view(b, nc, g, r, p, n)  # u_c^T B'_c
+        starts, final = _state_pass_forward(init, raw, carry, in_scale)
+        yy = torch.baddbmm(torch.bmm(Cs, starts.view(rows, r * p, n).transpose(1, 2)), CB3, u3)
+        y = x.new_empty(b, nc, cs, g, r, p)
+        _mul_into(yy.view(b, nc, g, cs, r, p).transpose(2, 3), scale_out.view(b, nc, cs, g, r, 1), y)
+        if D is not None:
+            y.addcmul_(x6, D.float().view(g, r, 1))
+        ctx.save_for_backward(x, scale_in, scale_out, Bc, Cc, mask, masks, CB, u, raw, starts, carry, in_scale, yy, D)
+        return y.reshape(b, length, h, p), final
+
+    @staticmethod
+    def _backward(ctx, g_y, g_final):
+        (x, scale_in, scale_out, Bc, Cc, mask, masks, CB, u, raw, starts, carry, in_scale, yy,
+         D) = ctx.saved_tensors  # unpacked once (activation checkpointing allows no second unpack)
+        need = ctx.needs_input_grad
+        b, length, h, p = x.shape
+        _, nc, g, cs, n = Bc.shape
+        r = h // g
+        rows = b * nc * g
+        x6 = x.view(b, nc, cs, g, r, p)
+        if g_y is None:
+            g_y = torch.zeros_like(x)
+        g_y6 = g_y.contiguous().view(b, nc, cs, g, r, p)
+        yy_t = yy.view(b, nc, g, cs, r, p).transpose(2, 3)
+        g_scale_out = torch.linalg.vecdot(g_y6, yy_t).view(b, nc, cs, h) if need[2] else None
+        g_D = None
+        if D is not None and need[10]:
+            g_D = torch.linalg.vecdot(g_y6, x6).sum((0, 1, 2)).view(h).to(D.dtype)
+        g_yy = x.new_empty(b, nc, g, cs, r, p)
+        _mul_into(g_y6, scale_out.view(b, nc, cs, g, r, 1), g_yy.transpose(2, 3))
+        g_yy3 = g_yy.reshape(rows, cs, r * p)
+        u3, B3, C3, CB3 = u.reshape(rows, cs, r * p), Bc.view(rows, cs, n), Cc.view(rows, cs, n), CB.view(rows, cs, cs)
+        Cs = C3 if masks is None else (Cc * masks[1]).view(rows, cs, n)
+        # yy = C' T^T + CB u
+        g_C = torch.bmm(g_yy3, starts.view(rows, r * p, n))  # of C' (masked below)
+        g_starts = torch.bmm(g_yy3.transpose(1, 2), Cs).view(starts.shape)
+        g_CB = torch.bmm(g_yy3, u3.transpose(1, 2)).view(CB.shape).masked_fill_(~mask, 0.0).view(rows, cs, cs)
+        g_u = torch.bmm(CB3.transpose(1, 2), g_yy3)
+        del g_yy, g_yy3
+        g_init, g_raw, g_carry, g_in_scale = _state_pass_backward(
+            starts, carry, raw, in_scale, g_starts, g_final, (need[9], True, need[7], need[8]))
+        g_raw3 = g_raw.view(rows, r * p, n)
+        # raw = u^T B'; CB = C B^T
+        Bs = B3 if masks is None else (Bc * masks[0]).view(rows, cs, n)
+        g_u.baddbmm_(Bs, g_raw3.transpose(1, 2))
+        g_B = g_C_out = None
+        if need[3]:
+            g_B = torch.bmm(u3, g_raw3)
+            if masks is not None:
+                g_B = g_B.view(Bc.shape).mul_(masks[0]).view(rows, cs, n)
+            g_B.baddbmm_(g_CB.transpose(1, 2), C3)
+        if need[4]:
+            if masks is not None:
+                g_C = g_C.view(Cc.shape).mul_(masks[1]).view(rows, cs, n)
+            g_C_out = g_C.baddbmm_(g_CB, B3)
+        # u = x * scale_in (in the GEMM layout)
+        g_u6 = g_u.view(b, nc, g, cs, r, p).transpose(2, 3)
+        g_scale_in = torch.linalg.vecdot(g_u6, x6).view(b, nc, cs, h) if need[1] else None
+        g_x = None
+        if need[0]:
+            g_x = x.new_empty(b, nc, cs, g, r, p)
+            _mul_into(g_u6, scale_in.view(b, nc, cs, g, r, 1), g_x)
+            if D is not None:
+                g_x.addcmul_(g_y6, D.float().view(g, r, 1))
+            g_x = g_x.reshape(b, length, h, p)
+        shape = (b, nc, g, cs, n)
+        return (g_x, g_scale_in, g_scale_out, None if g_B is None else g_B.view(shape),
+                None if g_C_out is None else g_C_out.view(shape), None, None, g_carry, g_in_scale, g_init, g_D)
 
 
 def _ssd_pairwise(x, dt, dA, B, C, chunk_size, initial_state, seq_idx):
@@ -255,6 +371,58 @@ def state_pass_reference(init: torch.Tensor, chunk_states: torch.Tensor, carry: 
     return torch.stack(starts, dim=1), final
 
 
+def _pairwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum((-2, -1), keepdim=True)`` for same-shaped ``[..., p, n]`` tensors, as ``linalg.vecdot`` over
+    the flattened ``p*n`` (as fast or faster than the product and sum on CPU; a batched ``[1, K] @ [K, 1]``
+    matmul is 2-3x slower)."""
+    dots = torch.linalg.vecdot(a.flatten(-2), b.flatten(-2))
+    return dots[..., None, None]
+
+
+def _state_pass_forward(init, chunk_states, carry, in_scale=None):
+    """`state_pass_reference`'s forward with the states written into one buffer: (starts [b, c, ...], final)."""
+    nc = chunk_states.shape[1]
+    starts = torch.empty_like(chunk_states)
+    starts[:, 0] = init
+    final = torch.empty_like(init)
+    for c in range(nc):
+        out = starts[:, c + 1] if c + 1 < nc else final
+        if in_scale is None:
+            torch.addcmul(chunk_states[:, c], starts[:, c], carry[:, c], out=out)
+        else:
+            torch.mul(starts[:, c], carry[:, c], out=out).addcmul_(chunk_states[:, c], in_scale[:, c])
+    return starts, final
+
+
+def _state_pass_backward(starts, carry, chunk_states, in_scale, g_starts, g_final, needs):
+    """The gradients (init, chunk_states, carry, in_scale) of `_state_pass_forward` (``needs``: which, as
+    ``ctx.needs_input_grad``); ``chunk_states`` / ``in_scale`` may be None when ``in_scale`` is."""
+    nc = starts.shape[1]
+    g_cs = torch.empty_like(starts)  # dS_{c+1} (the gradient of chunk_states[:, c] when in_scale is None)
+    if g_final is None:
+        g_cs[:, nc - 1] = 0
+    else:
+        g_cs[:, nc - 1] = g_final
+    for c in range(nc - 1, 0, -1):
+        if g_starts is None:
+            torch.mul(g_cs[:, c], carry[:, c], out=g_cs[:, c - 1])
+        else:
+            torch.addcmul(g_starts[:, c], g_cs[:, c], carry[:, c], out=g_cs[:, c - 1])
+    g_init = g_carry = g_in_scale = None
+    if needs[0]:
+        g_init = g_cs[:, 0] * carry[:, 0] if g_starts is None else torch.addcmul(g_starts[:, 0], g_cs[:, 0],
+                                                                                  carry[:, 0])
+    if needs[2]:
+        g_carry = _pairwise_dot(g_cs, starts)
+    g_chunk_states = g_cs if needs[1] else None
+    if in_scale is not None:
+        if needs[3]:
+            g_in_scale = _pairwise_dot(g_cs, chunk_states)
+        if g_chunk_states is not None:
+            g_chunk_states = g_cs.mul_(in_scale)
+    return g_init, g_chunk_states, g_carry, g_in_scale
+
+
 class _StatePass(torch.autograd.Function):
     """`state_pass_reference` with the states written into one buffer and a hand-written backward.
 
@@ -268,16 +436,7 @@ class _StatePass(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, init, chunk_states, carry, in_scale=None):
-        nc = chunk_states.shape[1]
-        starts = torch.empty_like(chunk_states)
-        starts[:, 0] = init
-        final = torch.empty_like(init)
-        for c in range(nc):
-            out = starts[:, c + 1] if c + 1 < nc else final
-            if in_scale is None:
-                torch.addcmul(chunk_states[:, c], starts[:, c], carry[:, c], out=out)
-            else:
-                torch.mul(starts[:, c], carry[:, c], out=out).addcmul_(chunk_states[:, c], in_scale[:, c])
+        starts, final = _state_pass_forward(init, chunk_states, carry, in_scale)
         if in_scale is None:
             ctx.save_for_backward(starts, carry)
         else:
@@ -287,32 +446,9 @@ class _StatePass(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_starts, g_final):
         saved = ctx.saved_tensors  # unpacked once (activation checkpointing allows no second unpack)
-        starts, carry = saved[:2]
-        nc = starts.shape[1]
-        g_cs = torch.empty_like(starts)  # dS_{c+1} (the gradient of chunk_states[:, c] when in_scale is None)
-        if g_final is None:
-            g_cs[:, nc - 1] = 0
-        else:
-            g_cs[:, nc - 1] = g_final
-        for c in range(nc - 1, 0, -1):
-            if g_starts is None:
-                torch.mul(g_cs[:, c], carry[:, c], out=g_cs[:, c - 1])
-            else:
-                torch.addcmul(g_starts[:, c], g_cs[:, c], carry[:, c], out=g_cs[:, c - 1])
-        g_init = g_g_carry = g_in_scale = None
-        if ctx.needs_input_grad[0]:
-            g_init = g_cs[:, 0] * carry[:, 0] if g_starts is None else torch.addcmul(g_starts[:, 0], g_cs[:, 0],
-                                                                                      carry[:, 0])
-        if ctx.needs_input_grad[2]:
-            g_g_carry = (g_cs * starts).sum((-2, -1), keepdim=True)
-        g_chunk_states = g_cs if ctx.needs_input_grad[1] else None
-        if len(saved) > 2:
-            chunk_states, in_scale = saved[2:]
-            if ctx.needs_input_grad[3]:
-                g_in_scale = (g_cs * chunk_states).sum((-2, -1), keepdim=True)
-            if g_chunk_states is not None:
-                g_chunk_states = g_cs.mul_(in_scale)
-        return g_init, g_chunk_states, g_g_carry, g_in_scale
+        chunk_states, in_scale = saved[2:] if len(saved) > 2 else (None, None)
+        return _state_pass_backward(saved[0], saved[1], chunk_states, in_scale, g_starts, g_final,
+                                    ctx.needs_input_grad)
 
 
 def ssd_reference(
