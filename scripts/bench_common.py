@@ -31,6 +31,14 @@ CONFIGS = {
         conv_kernel=4, chunk_size=128, n_routed_experts=32, num_experts_per_tok=6, moe_intermediate_size=384,
         moe_shared_expert_intermediate_size=1408, intermediate_size=2816, routed_scaling_factor=2.5,
     ),
+    # ~64M parameters, Super/Ultra-like MoE: LatentMoE (routed experts in a 256-wide latent space), state 128
+    "latent": dict(
+        vocab_size=16384, hidden_size=768, hybrid_override_pattern="MEM*EMEM", num_attention_heads=12,
+        num_key_value_heads=2, head_dim=64, mamba_num_heads=16, mamba_head_dim=64, n_groups=4, ssm_state_size=128,
+        conv_kernel=4, chunk_size=128, n_routed_experts=32, num_experts_per_tok=4, moe_intermediate_size=384,
+        moe_shared_expert_intermediate_size=1024, intermediate_size=2048, routed_scaling_factor=2.5,
+        moe_latent_size=256,
+    ),
 }
 COMMON = dict(initializer_range=0.02, pad_token_id=0, bos_token_id=1, eos_token_id=2, use_mamba_kernels=True)
 

@@ -12,7 +12,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
-_SOURCES = [_HERE / "decode_kernels.cpp", _HERE / "decode_blocks.cpp"]  # + the headers gemm.h, decode_ops.h
+_SOURCES = [_HERE / "decode_kernels.cpp", _HERE / "decode_blocks.cpp", _HERE / "train_kernels.cpp"]  # + headers
 _LOADED: bool | None = None  # None: not tried; False: failed (reason in _REASON)
 _REASON = ""
 

@@ -23,9 +23,10 @@ from ..modeling.attention import Nemotron3Attention
 from ..modeling.blocks import Nemotron3RMSNorm
 from ..modeling.cache import AttentionLayer, Nemotron3HybridCache
 from ..modeling.mamba2 import Mamba2SequenceMixer, Nemotron3Mamba2Mixer
-from ..modeling.moe import Nemotron3MLP, Nemotron3MoE, Nemotron3Router, _relu2, experts_implementation, keeps_seams
+from ..modeling.moe import Nemotron3MLP, Nemotron3MoE, Nemotron3Router, experts_implementation, keeps_seams
 from . import build
 from .ops import GEMM_DTYPES, MAX_ROWS, CpuMamba2SequenceMixer, relu2_experts_fit
+from .train_ops import RELU2
 
 
 def decode_ready(x: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -195,14 +196,14 @@ def _moe(norm, moe, cache, dtype):
     if (moe.training or moe.fc1_latent_proj is not None or type(gate) is not Nemotron3Router
             or gate.score_function not in SCORE_FUNCTIONS or not keeps_seams(experts_implementation(experts))
             or not relu2_experts_fit(experts, dtype)
-            or (shared is not None and not (type(shared) is Nemotron3MLP and shared.act is _relu2
+            or (shared is not None and not (type(shared) is Nemotron3MLP and shared.act in RELU2
                                             and fits(dtype, shared.up_proj, shared.down_proj)))):
         return None
     return moe_block(norm, moe)
 
 
 def _mlp(norm, mlp, cache, dtype):
-    if mlp.act is _relu2 and fits(dtype, mlp.up_proj, mlp.down_proj):
+    if mlp.act in RELU2 and fits(dtype, mlp.up_proj, mlp.down_proj):
         return mlp_block(norm, mlp)
     return None
 

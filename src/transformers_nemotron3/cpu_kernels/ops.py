@@ -5,10 +5,12 @@
   in one ``moe_relu2`` call (grouped by expert, each weight row streamed once). Anything else (many tokens,
   autograd, SwiGLU experts, a plugin's dispatcher or GEMM) runs the experts' own eager forward.
 - `CpuMamba2SequenceMixer` (the mixer's ``sequence_mixer`` seam): a cached decode step's conv + SSD update in
-  one ``mamba_step`` call; prefill and training run the default seam.
+  one ``mamba_step`` call; for whole sequences (prefill, training) the default seam with the conv + SiLU
+  kernel of `train_ops`.
 
-Both run only without autograd, on CPU, in float32 or bfloat16, and equal the PyTorch paths up to summation
-order (``modeling_tests/test_cpu_kernels.py``). Whole decode steps go through `decoder.CpuDecoder`.
+The decode kernels run only without autograd, on CPU, in float32 or bfloat16, and equal the PyTorch paths up to
+summation order (``modeling_tests/test_cpu_kernels.py``). Whole decode steps go through `decoder.CpuDecoder`;
+the whole-sequence kernels (with their backward) are in `train_ops`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from ..modeling.mamba2 import Mamba2SequenceMixer, Mamba2Weights
 from ..modeling.moe import Nemotron3Experts, grouped_mm, LocalDispatcher
 from . import build
+from .train_ops import RELU2, cpu_conv_silu
 
 EXPERTS_IMPLEMENTATION = "nemotron3_cpu"
 MAX_ROWS = 16  # whole decode steps: at most this many tokens (beyond, MKL's GEMMs are as fast)
@@ -37,7 +40,7 @@ def relu2_experts_fit(experts, dtype: torch.dtype) -> bool:
     """The routed experts are what the kernels run: this package's non-gated squared-ReLU experts with the
     default dispatcher and GEMM (no plugin), CPU weights of ``dtype``."""
     return (type(experts) is Nemotron3Experts and experts.gate_proj is None
-            and getattr(experts.act, "__name__", "") == "_relu2" and experts.gemm is grouped_mm
+            and experts.act in RELU2 and experts.gemm is grouped_mm
             and type(experts.dispatcher) is LocalDispatcher
             and experts.up_proj.dtype == experts.down_proj.dtype == dtype and experts.up_proj.device.type == "cpu")
 
@@ -68,7 +71,10 @@ def register_experts_implementation() -> None:
 
 
 class CpuMamba2SequenceMixer(Mamba2SequenceMixer):
-    """The default sequence-mixer seam, with cached decode steps through the ``mamba_step`` kernel."""
+    """The default sequence-mixer seam, with cached decode steps through the ``mamba_step`` kernel and whole
+    sequences' conv + SiLU (training, prefill) through ``conv_silu`` (`train_ops.cpu_conv_silu`)."""
+
+    conv_silu = staticmethod(cpu_conv_silu)
 
     @staticmethod
     def steps(mixer, w: Mamba2Weights, xbc, dt, state) -> torch.Tensor:

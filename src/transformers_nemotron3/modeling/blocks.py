@@ -17,7 +17,12 @@ except ImportError:  # pragma: no cover
 
 
 class Nemotron3RMSNorm(nn.Module):
-    """RMSNorm in fp32 with the weight multiplied in fp32, then cast back (as the reference code does)."""
+    """RMSNorm in fp32 with the weight multiplied in fp32, then cast back (as the reference code does).
+
+    ``kernel`` is a seam (a plain attribute, None by default): a backend's ``kernel(norm, x)`` returning the same
+    result, or None where it does not apply (the CPU kernels install one per model)."""
+
+    kernel = None
 
     def __init__(self, size: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -25,6 +30,10 @@ class Nemotron3RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            out = self.kernel(self, x)
+            if out is not None:
+                return out
         return rms_norm(x, self.weight, self.eps).to(x.dtype)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,13 @@ CPU_SSD_CHUNK = 64
 
 
 class GatedRMSNorm(nn.Module):
-    """``rmsnorm(y * silu(z))`` normalised separately over each of ``n_groups`` channel groups."""
+    """``rmsnorm(y * silu(z))`` normalised separately over each of ``n_groups`` channel groups.
+
+    ``kernel`` is a seam (a plain attribute, None by default): a backend's ``kernel(norm, y, z, out_dtype)``
+    returning the same result, or None where it does not apply (then the PyTorch ops run). The CPU kernels
+    install one per model (`cpu_kernels.enable_cpu_kernels`)."""
+
+    kernel = None
 
     def __init__(self, size: int, n_groups: int, eps: float) -> None:
         super().__init__()
@@ -67,6 +74,10 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, y: torch.Tensor, z: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        if self.kernel is not None:
+            out = self.kernel(self, y, z, out_dtype)
+            if out is not None:
+                return out
         y = F.silu(z.float()) * y.float()
         shape = y.shape
         y = rms_norm(y.view(*shape[:-1], -1, self.group_size), None, self.eps)
@@ -254,7 +265,7 @@ def conv_scan(
     xbc: torch.Tensor, dt: torch.Tensor, w: Mamba2Weights, *, head_dim: int, state_size: int, chunk_size: int,
     time_step_limit: tuple[float, float], use_kernels: bool = True, prefix: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
-    padding_mask: torch.Tensor | None = None,
+    padding_mask: torch.Tensor | None = None, conv_silu: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal conv + SiLU + chunked SSD scan over whole sequences; the kernel is chosen here.
 
@@ -265,10 +276,14 @@ def conv_scan(
 
     mamba_ssm / causal_conv1d run where installed and the tensors are on CUDA; otherwise the PyTorch paths
     (`causal_conv_last`, `ssd.ssd_chunked`) run. Every caller (the mixer, context parallelism) comes through here.
+    ``conv_silu`` is a backend's kernel for the conv + SiLU of a sequence without ``prefix``, called as
+    ``conv_silu(xbc, conv_weight [channels, k], conv_bias, seq_idx)``; it returns ``silu(conv)``, or None where it
+    does not apply (the CPU kernels' sequence mixer passes one).
     """
     b, length, _ = xbc.shape
     k = w.conv_weight.shape[-1]
     fast = use_kernels_for(xbc, use_kernels)
+    activated = None
     if fast and _kernel_conv1d is not None and prefix is None:
         xbc_t = xbc.transpose(1, 2)
         conv = _kernel_conv1d(xbc_t.contiguous(), w.conv_weight, w.conv_bias,
@@ -276,8 +291,13 @@ def conv_scan(
         conv = conv.transpose(1, 2)
         hist = F.pad(xbc_t, (max(0, k - length), 0))[..., -k:]
     else:
-        conv, hist = causal_conv_last(xbc, w.conv_weight, w.conv_bias, prefix, seq_idx)
-    xbc = F.silu(conv)
+        if conv_silu is not None and prefix is None:
+            activated = conv_silu(xbc, w.conv_weight, w.conv_bias, seq_idx)
+        if activated is None:
+            conv, hist = causal_conv_last(xbc, w.conv_weight, w.conv_bias, prefix, seq_idx)
+        else:
+            hist = (xbc[:, -k:] if length >= k else F.pad(xbc, (0, 0, k - length, 0))).transpose(1, 2)
+    xbc = F.silu(conv) if activated is None else activated
     if padding_mask is not None:
         xbc = xbc * padding_mask[..., None].to(xbc.dtype)
     heads = w.A.shape[0]
@@ -333,8 +353,11 @@ class Mamba2SequenceMixer:
     Called as ``seam(mixer, xbc, dt, state, padding_mask=, seq_idx=, **kwargs) -> y [b, l, intermediate]`` between
     ``in_proj`` and the gated norm; ``state`` is the layer's `cache.MambaLayer` or None (training). It decides
     prefill vs. decode steps and which tokens' states to record for rollback; `conv_scan` / `conv_scan_step` pick
-    the kernels. Context parallelism replaces this object (not the mixer's forward) with its own.
+    the kernels. Context parallelism replaces this object (not the mixer's forward) with its own. ``conv_silu``
+    (None here) is a backend's conv + SiLU kernel that `prefill` hands to `conv_scan`.
     """
+
+    conv_silu = None
 
     def __call__(self, mixer: "Nemotron3Mamba2Mixer", xbc: torch.Tensor, dt: torch.Tensor, state,
                  padding_mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None, **kwargs
@@ -355,15 +378,14 @@ class Mamba2SequenceMixer:
             return self.steps(mixer, w, xbc, dt, state)
         return self.prefill(mixer, w, xbc, dt, state, padding_mask, seq_idx)
 
-    @staticmethod
-    def prefill(mixer, w: Mamba2Weights, xbc, dt, state, padding_mask, seq_idx) -> torch.Tensor:
+    def prefill(self, mixer, w: Mamba2Weights, xbc, dt, state, padding_mask, seq_idx) -> torch.Tensor:
         """A whole sequence (training, prefill, or a continuation of a cached one)."""
         cont = state is not None and state.has_previous
         y, final, hist = conv_scan(
             xbc, dt, w, head_dim=mixer.head_dim, state_size=mixer.state_size, chunk_size=mixer.chunk_size,
             time_step_limit=mixer.time_step_limit, use_kernels=mixer.use_kernels,
             prefix=state.conv[..., 1:].clone() if cont else None, initial_state=state.ssm if cont else None,
-            seq_idx=seq_idx, padding_mask=padding_mask)
+            seq_idx=seq_idx, padding_mask=padding_mask, conv_silu=self.conv_silu)
         if state is not None:  # keep the last k inputs and the final state for the next step
             state.conv.copy_(hist)
             state.ssm.copy_(final.to(state.ssm.dtype))
