@@ -36,7 +36,7 @@ def dataset(vocab: int) -> Dataset:
     return Dataset.from_dict({"input_ids": ids.tolist()})
 
 
-def make_trainer(output_dir: str, per_device: int, parallel: dict | None):
+def make_trainer(output_dir: str, per_device: int, parallel: dict | None, eval_rows: int = 0):
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(0)
     model = Nemotron3ForCausalLM(tiny_config("all_blocks", vocab_size=len(tokenizer)))
@@ -44,9 +44,15 @@ def make_trainer(output_dir: str, per_device: int, parallel: dict | None):
         output_dir=output_dir, use_cpu=True, bf16=False, max_steps=STEPS, report_to="none",
         per_device_train_batch_size=per_device, learning_rate=3e-3, max_grad_norm=0.05, logging_steps=1,
         disable_tqdm=True, save_strategy="no", gradient_checkpointing=False, seed=0, assistant_only_loss=False,
-        packing=False, train_sampling_strategy="sequential", dataloader_drop_last=True, parallel_config=parallel)
+        packing=False, train_sampling_strategy="sequential", dataloader_drop_last=True, parallel_config=parallel,
+        per_device_eval_batch_size=per_device)
+    eval_dataset = None
+    if eval_rows:  # rows of 19 tokens: not a multiple of 2 * cp
+        g = torch.Generator().manual_seed(2)
+        eval_dataset = Dataset.from_dict({"input_ids": torch.randint(3, len(tokenizer), (eval_rows, 19),
+                                                                     generator=g).tolist()})
     return Nemotron3SFTTrainer(model=model, args=args, train_dataset=dataset(len(tokenizer)),
-                               processing_class=tokenizer)
+                               eval_dataset=eval_dataset, processing_class=tokenizer)
 
 
 def losses(trainer) -> list[float]:
@@ -149,3 +155,21 @@ def test_sft_trainer_cp2_ep2_four_processes_equals_single_process(reference):
         config = {"expert_parallel_size": 2, "context_parallel_size": 2}
         out = run_processes(_parallel_rank, 4, args=(tmp, config, GLOBAL_BATCH // 2), timeout=300)
         check_against(reference, out[0], tmp)
+
+
+def _evaluate_rank(rank, world, output_dir, parallel):
+    trainer = make_trainer(output_dir, GLOBAL_BATCH, parallel, eval_rows=8)
+    loss = trainer.evaluate()["eval_loss"]
+    assert getattr(trainer, "_cp_wrapper", None) is not None  # the batches went through the CP forward
+    return loss
+
+
+def test_sft_trainer_evaluate_under_cp2_ep2_equals_single_process():
+    """``Trainer.evaluate`` through the parallel forward (cp=2 folded with ep=2 on 2 processes; two batches of rows
+    of 19 tokens, so the cp shards need right padding) gives one process's ``eval_loss``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        single = make_trainer(tmp, GLOBAL_BATCH, None, eval_rows=8).evaluate()["eval_loss"]
+        config = {"expert_parallel_size": 2, "context_parallel_size": 2}
+        out = run_processes(_evaluate_rank, 2, args=(tmp, config), timeout=120)
+    assert out[0] == out[1]
+    assert abs(out[0] - single) < TOL, (out, single)

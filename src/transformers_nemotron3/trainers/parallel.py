@@ -26,7 +26,12 @@
    ``on_train_begin``, after Trainer restored its own state (step, scheduler, RNG, data position), so a resumed
    sharded run equals the uninterrupted one.
 
-Not handled: FSDP2 (``data_parallel_mode="shard"``) under ``Trainer``, evaluation under cp > 1.
+7. evaluation (``Trainer.evaluate``) runs through the same forward: under cp > 1 each batch's loss is the dp
+   rank's token mean over the full rows (`ContextParallelLM`), which is what Trainer averages
+   (test_parallel_trainer.py: equal to one process's ``eval_loss``). Token accuracy is not logged under cp > 1
+   (each rank holds only its part of the logits).
+
+Not handled: FSDP2 (``data_parallel_mode="shard"``) under ``Trainer``.
 """
 
 from __future__ import annotations
