@@ -190,3 +190,30 @@ def test_kernels_off_again_restores_the_pytorch_seams(kernels):
     kernels.calls.clear()
     model(input_ids=ids, labels=ids).loss.backward()
     assert kernels.calls == []
+
+
+def test_kernels_under_gradient_checkpointing_and_other_dtypes(kernels):
+    """With activation checkpointing the blocks' forwards run twice (the kernels' Functions recompute cleanly) and
+    the gradients equal those without; a bf16 copy of the model with the kernels on trains on the PyTorch ops."""
+    torch.manual_seed(23)
+    plain = Nemotron3ForCausalLM(tiny_config("all_blocks")).train()
+    _randomize(plain, std=0.08, seed=24)
+    fast = copy.deepcopy(plain)
+    assert cpu_kernels.enable_cpu_kernels(fast)
+    half = copy.deepcopy(fast).to(torch.bfloat16)  # the kernels stay switched on in the copy
+    fast.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(3, 96, (2, 21))
+    plain(input_ids=ids, labels=ids).loss.backward()
+    kernels.calls.clear()
+    fast(input_ids=ids, labels=ids).loss.backward()
+    assert kernels.calls.count("conv_silu") == 2 * kernels.calls.count("conv_silu_backward") > 0  # recomputed
+    for (name, a), b in zip(plain.named_parameters(), fast.parameters()):
+        if a.grad is not None:
+            assert ((b.grad - a.grad).abs().max() / a.grad.abs().max().clamp_min(1e-6)) < 1e-4, name
+
+    assert cpu_kernels.cpu_kernels_enabled(half) and all(
+        m.kernel is not None for m in half.modules() if type(m).__name__ in ("GatedRMSNorm", "Nemotron3RMSNorm"))
+    kernels.calls.clear()
+    loss = half(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and kernels.calls == []
