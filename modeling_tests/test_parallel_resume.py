@@ -11,7 +11,8 @@ Adam's ``exp_avg`` / ``exp_avg_sq`` / ``step``, the per-step losses.
   every 2 steps, so the checkpoint after step 2 holds per-rank router loads that the resumed run must add in;
   once with DDP (``replicate``), once with FSDP2 for the dense blocks and the experts (``shard``);
 - `Nemotron3SFTTrainer` with ``save_strategy="steps"`` and ``train(resume_from_checkpoint=True)``, 2 micro-batches of
-  gradient accumulation per step (the expert shards reduce at the synced one only).
+  gradient accumulation per step (the expert shards reduce at the synced one only);
+- a checkpoint of the 4-process run resumed on 2 processes with another layout (EP=2, no CP).
 """
 
 from __future__ import annotations
@@ -131,10 +132,10 @@ def _one_process_loop() -> tuple[list[float], dict]:
 
 
 def _parallel_loop(accelerator, mode: str, seed: int, steps: range, save: str | None = None,
-                   resume: str | None = None):
+                   resume: str | None = None, parallel: dict = PARALLEL):
     torch.manual_seed(seed)
     model = Nemotron3ForCausalLM(_config()).float().train()
-    par = prepare_nemotron3_parallel(model, Nemotron3ParallelConfig(**PARALLEL, data_parallel_mode=mode))
+    par = prepare_nemotron3_parallel(model, Nemotron3ParallelConfig(**parallel, data_parallel_mode=mode))
     opt = _optimizer(param_groups_by_mesh(par.model.parameters()))
     if mode == "shard":  # FSDP2 already wraps the model: Accelerate prepares only the optimizer
         ddp_model, opt = par.model, accelerator.prepare(opt)
@@ -199,6 +200,38 @@ def test_accelerate_loop_ep2_cp2_resume_equals_uninterrupted_and_one_process(tmp
     _assert_resumed_equals_uninterrupted_and_one_process(r0, ref_losses, ref_state)
     moved = max(float(abs(v).max()) for k, v in ref_state.items() if k.endswith("e_score_correction_bias"))
     assert moved >= BIAS_RATE  # the bias update ran
+
+
+def _save_on_four(rank, world, ckpt):
+    from accelerate import Accelerator
+
+    _, _, _, pending = _parallel_loop(Accelerator(cpu=True), "replicate", 0, range(STOP), save=ckpt)
+    return pending
+
+
+def _resume_on_two(rank, world, ckpt):
+    from accelerate import Accelerator
+
+    losses, state, _, _ = _parallel_loop(Accelerator(cpu=True), "replicate", 7, range(STOP, STEPS), resume=ckpt,
+                                         parallel={"expert_parallel_size": 2})
+    return {"losses": losses, "state": _numpy(state) if rank == 0 else None}
+
+
+def test_resume_on_another_world_size_and_layout_equals_one_process(tmp_path):
+    """Saved by EP=2 x CP=2 on 4 processes after step 2 (with router loads pending on every rank), resumed by EP=2
+    without CP on 2 processes (same dp, so the same rows per step): DCP reshards the experts and their Adam
+    moments, the four ranks' loads are summed into the new rank 0, and steps 3-4 equal one process's."""
+    ckpt = str(tmp_path / "step-2")
+    pending = run_processes(_save_on_four, 4, (ckpt,), timeout=300)
+    assert pending[0] > 0
+    out = run_processes(_resume_on_two, 2, (ckpt,), timeout=300)
+    ref_losses, ref_state = _one_process_loop()
+    assert out[0]["losses"] == out[1]["losses"]
+    assert max(abs(a - b) for a, b in zip(out[0]["losses"], ref_losses[STOP:])) < TOL, (out[0]["losses"], ref_losses)
+    for prefix in ("w.", "opt."):
+        worst = _max_diff(out[0]["state"], ref_state, prefix)
+        print(f"\n{prefix} resumed on 2 processes vs one process {worst}")
+        assert worst[0] < 3 * TOL, worst  # CP's reduction order in steps 1-2, as in test_parallel_trainer
 
 
 # ------------------------------------------------------------------------------------------- Trainer

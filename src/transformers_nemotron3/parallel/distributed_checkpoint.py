@@ -12,8 +12,10 @@ Every rank writes only what it owns, in parallel, and reads back only its part:
   ``step``;
 - any extra ``Stateful`` (an LR scheduler, a dataloader) passed by name.
 
-DCP deduplicates replicated entries (one rank writes each) and reshards DTensors on load; the per-rank entries
-need the same world size on resume (a clear error says so otherwise). Writes go to a temporary directory next to
+DCP deduplicates replicated entries (one rank writes each) and reshards DTensors on load, so a run may resume
+with another number of processes or another parallel layout: the per-rank router loads are then summed into
+rank 0 (the bias update uses only their sum over ranks) and the per-process random states are not restored
+(a warning says so). Writes go to a temporary directory next to
 ``path`` that rank 0 renames into place once every rank has finished (a crash leaves the old checkpoint).
 """
 
@@ -25,6 +27,8 @@ import random
 import shutil
 from pathlib import Path
 
+import logging
+
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -34,6 +38,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..modeling.moe import Nemotron3Router
+
+logger = logging.getLogger(__name__)
 
 
 def _rank() -> int:
@@ -118,27 +124,43 @@ def load_sharded_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optim
         state = {"model": model_sd, "optim": optim_sd}
     else:
         state = {"model": get_model_state_dict(model)}
-    key = f"rank{_rank()}"
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    if not any(fqn.startswith(key + ".") for fqn in saved):
-        raise ValueError(f"{path} was written by fewer processes than this run has (no state for {key}); resume with "
-                         "the same world size, or load only the weights with load_full_checkpoint_into.")
-    state[key] = _rank_state(model, None)
-    prefix = f"{key}.expert_load."  # placeholders for the loads this rank saved (None ones were not)
-    state[key]["expert_load"] = {fqn[len(prefix):]: torch.empty(item.size, dtype=item.properties.dtype)
-                                 for fqn, item in saved.items() if fqn.startswith(prefix)}
+    saved_ranks = sorted({int(fqn.split(".", 1)[0][4:]) for fqn in saved
+                          if fqn.startswith("rank") and fqn.endswith(".step")})
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    same_world = saved_ranks == list(range(world))
+    # this rank's entry (same world size), or every saved rank's loads and step (another world size)
+    readers = [_rank()] if same_world else saved_ranks
+    for r in readers:
+        key = f"rank{r}"
+        prefix = f"{key}.expert_load."  # placeholders for the loads that rank saved (None ones were not)
+        entry = {"expert_load": {fqn[len(prefix):]: torch.empty(item.size, dtype=item.properties.dtype)
+                                 for fqn, item in saved.items() if fqn.startswith(prefix)},
+                 "step": torch.tensor(-1)}
+        if same_world:
+            entry["rng"] = _rank_state(model, None)["rng"]
+        state[key] = entry
     state.update(stateful)
     dcp.load(state, checkpoint_id=str(path))
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
         set_model_state_dict(model, state["model"])
-    routers = _routers(model)
-    for name, router in routers.items():
-        load = state[key]["expert_load"].get(name)
-        router.expert_load = None if load is None else load.clone()
-    if restore_rng:
+    for name, router in _routers(model).items():
+        loads = [state[f"rank{r}"]["expert_load"][name] for r in readers if name in state[f"rank{r}"]["expert_load"]]
+        if not loads:
+            router.expert_load = None
+        elif same_world:
+            router.expert_load = loads[0].clone()
+        else:  # the bias update acts on the loads summed over ranks: the sum goes to rank 0, zeros elsewhere
+            total = torch.stack(loads).sum(0)
+            router.expert_load = total if _rank() == 0 else torch.zeros_like(total)
+    key = f"rank{readers[0]}"
+    if restore_rng and same_world:
         _set_rng_state(pickle.loads(state[key]["rng"]))
+    elif restore_rng:
+        logger.warning("%s was written by %d processes and this run has %d: weights, optimizer state, router biases "
+                       "and loads are restored, the per-process random states are not.", path, len(saved_ranks), world)
     step = int(state[key]["step"])
     return None if step < 0 else step
 
