@@ -413,40 +413,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_rms_norm_backward(const at:
   return {gy, gz, gw_parts.sum(0)};
 }
 
-// Squared ReLU, relu(x)^2, and its gradient 2 relu(x) grad, each one pass (contiguous float32).
-at::Tensor relu2(const at::Tensor& x) {
+namespace {
+
+// out[i] = f(relu(x[i]), g[i]) over contiguous float32 x (and g, when given), one pass
+template <typename F>
+at::Tensor map_relu(const at::Tensor& x, const at::Tensor* g, const char* name, F f) {
   check_rows(x, "x", x.dim());
-  TORCH_CHECK(x.is_contiguous(), "nemotron3_cpu.relu2: x must be contiguous");
+  TORCH_CHECK(x.is_contiguous() && (g == nullptr || (g->is_contiguous() && g->numel() == x.numel() &&
+                                                     g->scalar_type() == at::kFloat)),
+              "nemotron3_cpu.", name, ": inputs must be contiguous float32 tensors of one size");
   at::Tensor out = at::empty_like(x);
   const float* xp = x.data_ptr<float>();
+  const float* gp = g ? g->data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; i += kLanes) {
       const auto m = tail_mask(i1 - i);
-      const Vec r = max0(load(xp + i, m));
-      store(op + i, mul(r, r), m);
+      store(op + i, f(max0(load(xp + i, m)), gp ? load(gp + i, m) : zero()), m);
     }
   });
   return out;
 }
 
+}  // namespace
+
+// Squared ReLU, relu(x)^2, and its gradient 2 relu(x) grad, each one pass (contiguous float32).
+at::Tensor relu2(const at::Tensor& x) {
+  return map_relu(x, nullptr, "relu2", [](Vec r, Vec) { return mul(r, r); });
+}
+
 at::Tensor relu2_backward(const at::Tensor& g, const at::Tensor& x) {
-  check_rows(x, "x", x.dim());
-  check_rows(g, "grad", x.dim());
-  TORCH_CHECK(x.is_contiguous() && g.is_contiguous() && g.numel() == x.numel(),
-              "nemotron3_cpu.relu2_backward: grad and x must be contiguous and of one size");
-  at::Tensor gx = at::empty_like(x);
-  const float* xp = x.data_ptr<float>();
-  const float* gp = g.data_ptr<float>();
-  float* op = gx.data_ptr<float>();
-  at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; i += kLanes) {
-      const auto m = tail_mask(i1 - i);
-      const Vec r = max0(load(xp + i, m));
-      store(op + i, mul(add(r, r), load(gp + i, m)), m);
-    }
-  });
-  return gx;
+  return map_relu(x, &g, "relu2_backward", [](Vec r, Vec gv) { return mul(add(r, r), gv); });
 }
 
 }  // namespace nemotron3
