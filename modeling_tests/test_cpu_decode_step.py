@@ -41,7 +41,7 @@ def _decode(model, ids: torch.Tensor, prompt: int, on: bool, spy=None, **kw) -> 
     return torch.stack(logits, 1), calls
 
 
-@pytest.mark.parametrize("name", ["all_blocks", "dense"])
+@pytest.mark.parametrize("name", ["all_blocks", "dense", "latent_groups_mtp"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_decode_step_is_one_call_and_equals_module_path(kernels, name, batch):
     model = _model(name)
@@ -52,8 +52,9 @@ def test_decode_step_is_one_call_and_equals_module_path(kernels, name, batch):
     torch.testing.assert_close(on, off, atol=1e-4, rtol=1e-4)
 
 
-def test_bf16_decode_step_equals_module_path(kernels):
-    model = _model("all_blocks", torch.bfloat16)
+@pytest.mark.parametrize("name", ["all_blocks", "latent_groups_mtp"])
+def test_bf16_decode_step_equals_module_path(kernels, name):
+    model = _model(name, torch.bfloat16)
     ids = torch.randint(3, 96, (2, 14))
     on, calls = _decode(model, ids, 10, True, kernels)
     off, _ = _decode(model, ids, 10, False)
@@ -126,10 +127,10 @@ def test_padded_batch_and_uncovered_blocks_keep_module_path(kernels):
         kernels.calls.clear()
         model(ids[:, 10:11], attention_mask=mask[:, :11], cache=cache, use_cache=True)
     assert "decode_step" not in kernels.calls
-    latent = _model("latent_groups_mtp")  # LatentMoE is not in the whole step: the modules run, with the per-op kernels
-    ids = torch.randint(3, 96, (1, 12))
-    on, calls = _decode(latent, ids, 10, True, kernels)
-    off, _ = _decode(latent, ids, 10, False)
+    rope = _model("latent_groups_mtp", use_rope=True)  # RoPE attention is not in the whole step: the modules run,
+    ids = torch.randint(3, 96, (1, 12))                   # with the per-op kernels
+    on, calls = _decode(rope, ids, 10, True, kernels)
+    off, _ = _decode(rope, ids, 10, False)
     assert "decode_step" not in calls[1] and "mamba_step" in calls[1] and "moe_relu2" in calls[1]
     torch.testing.assert_close(on, off, atol=1e-4, rtol=1e-4)
 

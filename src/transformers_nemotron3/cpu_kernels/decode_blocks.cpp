@@ -88,15 +88,17 @@ at::Tensor attention_block(const at::Tensor& h, const at::Tensor& norm_w, double
   return residual(h, nemotron3::small_linear(out.reshape({b, T, -1}), o_w, o_b, false));
 }
 
-// Returns (h + moe(RMSNorm(h)), router logits [T, E] fp32). Non-gated relu^2 experts, full-width routing
-// (no latent projections), shared expert relu^2 MLP or none (undefined weights). The router follows
-// Nemotron3Router step for step (nemotron3::route).
+// Returns (h + moe(RMSNorm(h)), router logits [T, E] fp32). Non-gated relu^2 experts, routed at full width or,
+// with fc1_w / fc2_w (LatentMoE), in the latent width between those projections; shared expert relu^2 MLP or
+// none (undefined weights). The router follows Nemotron3Router step for step (nemotron3::route).
 std::tuple<at::Tensor, at::Tensor> moe_block(
     const at::Tensor& h, const at::Tensor& norm_w, double norm_eps, const at::Tensor& router_w,
     const at::Tensor& correction_bias, int64_t score_function, int64_t top_k, int64_t n_group, int64_t topk_group,
     bool norm_topk_prob, double scaling, const optional<at::Tensor>& shared_up_w,
     const optional<at::Tensor>& shared_up_b, const optional<at::Tensor>& shared_down_w,
-    const optional<at::Tensor>& shared_down_b, const at::Tensor& up, const at::Tensor& down) {
+    const optional<at::Tensor>& shared_down_b, const optional<at::Tensor>& fc1_w, const optional<at::Tensor>& fc1_b,
+    const optional<at::Tensor>& fc2_w, const optional<at::Tensor>& fc2_b, const at::Tensor& up,
+    const at::Tensor& down) {
   const int64_t width = h.size(-1);
   nemotron3::hint_weight(router_w);
   const at::Tensor x = nemotron3::rms_norm(h, norm_w, norm_eps, h.scalar_type()).view({-1, width});
@@ -112,6 +114,16 @@ std::tuple<at::Tensor, at::Tensor> moe_block(
     nemotron3::hint_weight(*shared_down_w);
     return nemotron3::small_linear(u, *shared_down_w, shared_down_b, false);
   };
+  if (fc1_w.has_value() && fc1_w->defined()) {  // LatentMoE, as Nemotron3MoE: fc2(routed sum in h's dtype) + shared
+    nemotron3::hint_weight(*fc1_w);
+    const at::Tensor xl = nemotron3::small_linear(x, *fc1_w, fc1_b, false);
+    const at::Tensor acc = nemotron3::moe_relu2(xl, up, down, topk_idx, weights,
+                                                at::zeros({tokens, xl.size(-1)}, x.options().dtype(at::kFloat)));
+    nemotron3::hint_weight(*fc2_w);
+    at::Tensor out = nemotron3::small_linear(acc.to(h.scalar_type()), *fc2_w, fc2_b, false).contiguous();
+    if (shared) out = nemotron3::add(out, shared_expert().contiguous());
+    return {residual(h, out), logits};
+  }
   if (h.scalar_type() == at::kFloat) {  // fp32: the routed sum goes straight into the shared expert's output
     at::Tensor acc = shared ? shared_expert().contiguous() : at::zeros({tokens, width}, x.options());
     return {residual(h, nemotron3::moe_relu2(x, up, down, topk_idx, weights, acc)), logits};
@@ -185,7 +197,8 @@ enum BlockKind : int64_t { kMamba = 0, kAttention = 1, kMoE = 2, kMLP = 3 };
 //   attention: tensors norm_w q_w q_b k_w k_b v_w v_b o_w o_b; floats norm_eps scale;
 //              ints num_heads head_dim; states keys values (room for T more columns), kv_lengths[j]
 //   MoE:       tensors norm_w router_w correction_bias shared_up_w shared_up_b shared_down_w shared_down_b
-//              up down; floats norm_eps scaling; ints score_function top_k n_group topk_group norm_topk_prob
+//              fc1_w fc1_b fc2_w fc2_b (LatentMoE; undefined otherwise) up down; floats norm_eps scaling;
+//              ints score_function top_k n_group topk_group norm_topk_prob
 //   MLP:       tensors norm_w up_w up_b down_w down_b; floats norm_eps (relu^2)
 // `h` is the input hidden state [b, T, H], or with `input_ids` [b, T] given, the embedding matrix to look them
 // up in. Returns (hidden [b, T, H] after the last block, [final-normed hidden] when final_norm_w is given,
@@ -238,12 +251,13 @@ StepResult step_blocks(const at::Tensor& h_or_embeddings, const optional<at::Ten
     } else if (kind == kMoE) {
       const at::Tensor norm_w = c.req(), router_w = c.req(), bias = c.req();
       const optional<at::Tensor> su_w = c.opt(), su_b = c.opt(), sd_w = c.opt(), sd_b = c.opt();
+      const optional<at::Tensor> f1_w = c.opt(), f1_b = c.opt(), f2_w = c.opt(), f2_b = c.opt();
       const at::Tensor up = c.req(), down = c.req();
       const double norm_eps = c.flt(), scaling = c.flt();
       const int64_t score = c.integer(), top_k = c.integer(), n_group = c.integer(), topk_group = c.integer();
       const bool norm_topk = c.integer() != 0;
       auto out = moe_block(h, norm_w, norm_eps, router_w, bias, score, top_k, n_group, topk_group, norm_topk, scaling,
-                           su_w, su_b, sd_w, sd_b, up, down);
+                           su_w, su_b, sd_w, sd_b, f1_w, f1_b, f2_w, f2_b, up, down);
       h = std::get<0>(out);
       router_logits.push_back(std::get<1>(out));
     } else if (kind == kMLP) {

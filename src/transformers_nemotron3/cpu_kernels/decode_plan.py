@@ -84,8 +84,11 @@ def moe_block(norm: nn.Module, moe: nn.Module) -> FusedBlock:
     gate, shared, experts = moe.gate, moe.shared_experts, moe.experts
     shared_args = ([shared.up_proj.weight, shared.up_proj.bias, shared.down_proj.weight, shared.down_proj.bias]
                    if shared is not None else [None, None, None, None])
+    fc1, fc2 = moe.fc1_latent_proj, moe.fc2_latent_proj
+    latent_args = [fc1.weight, fc1.bias, fc2.weight, fc2.bias] if fc1 is not None else [None, None, None, None]
     return FusedBlock(FusedBlock.MOE, [
-        norm.weight, gate.weight, gate.e_score_correction_bias, *shared_args, experts.up_proj, experts.down_proj,
+        norm.weight, gate.weight, gate.e_score_correction_bias, *shared_args, *latent_args, experts.up_proj,
+        experts.down_proj,
     ], [float(norm.eps), float(gate.scaling)], [
         SCORE_FUNCTIONS[gate.score_function], int(gate.top_k), int(gate.n_group), int(gate.topk_group),
         int(bool(gate.norm_topk_prob)),
@@ -193,7 +196,8 @@ def _attention(norm, attn, cache, dtype):
 
 def _moe(norm, moe, cache, dtype):
     shared, gate, experts = moe.shared_experts, moe.gate, moe.experts
-    if (moe.training or moe.fc1_latent_proj is not None or type(gate) is not Nemotron3Router
+    latent = [moe.fc1_latent_proj, moe.fc2_latent_proj] if moe.fc1_latent_proj is not None else []
+    if (moe.training or (latent and not fits(dtype, *latent)) or type(gate) is not Nemotron3Router
             or gate.score_function not in SCORE_FUNCTIONS or not keeps_seams(experts_implementation(experts))
             or not relu2_experts_fit(experts, dtype)
             or (shared is not None and not (type(shared) is Nemotron3MLP and shared.act in RELU2
