@@ -1,5 +1,6 @@
-"""Optional CPU kernels, as a backend of one model at a time: decode steps (batch 1-16; fp32 and bf16) and the
-Mamba-2 mixer's conv + SiLU and gated norm over whole sequences (training and prefill; fp32, with backward).
+"""Optional CPU kernels, as a backend of one model at a time: decode steps (batch 1-16; fp32 and bf16) and, over
+whole sequences (training and prefill; fp32, with backward), the Mamba-2 conv + SiLU, the gated and block norms
+and squared ReLU.
 
 `enable_cpu_kernels(model)` builds ``decode_kernels.cpp``, ``decode_blocks.cpp`` and ``train_kernels.cpp`` once
 per machine with the system C++ compiler (`build`, through ``torch.utils.cpp_extension``, cached under
@@ -72,8 +73,8 @@ def _set_whole_sequence_kernels(model: nn.Module, on: bool) -> None:
 
 
 def enable_cpu_kernels(model: nn.Module, enabled: bool = True) -> bool:
-    """Switch the CPU decode kernels on for ``model`` (a `Nemotron3ForCausalLM`, building the kernels on first use)
-    or off again; returns whether they are on for it.
+    """Switch the CPU kernels (decode and whole-sequence) on for ``model`` (a `Nemotron3ForCausalLM`, building them
+    on first use) or off again; returns whether they are on for it.
 
     When they cannot be built or used (no C++ compiler, no AVX-512), a warning says why and the model keeps its
     PyTorch paths. Only this model changes; save it as usual (nothing kernel-related is written).

@@ -1,4 +1,4 @@
-"""Whole-sequence CPU kernels (training and prefill) for two seams of the Mamba-2 mixer, with autograd.
+"""Whole-sequence CPU kernels (training and prefill) for the model's seams, with autograd.
 
 - `cpu_conv_silu` (the ``conv_silu`` hook `CpuMamba2SequenceMixer` hands to `mamba2.conv_scan`): the depthwise
   causal conv + SiLU in one pass forward (``conv_silu``) and one backward (``conv_silu_backward``, which
@@ -9,7 +9,8 @@
 - `cpu_relu2` (the ``act`` / ``act_fn`` of relu^2 MLPs and experts): one pass each way (the PyTorch form is two
   passes forward and three backward).
 
-float32 CPU tensors only (anything else returns None and the PyTorch ops run). With autograd the kernels run
+float32 CPU tensors only (anything else returns None, or for relu^2 the model's own function, and the PyTorch
+ops run). With autograd the kernels run
 inside `torch.autograd.Function` s whose backward is the kernels' own; without it the forward op alone runs.
 Values and gradients equal the PyTorch paths up to summation order (``modeling_tests/test_cpu_train_kernels.py``).
 """
@@ -130,8 +131,7 @@ class _Relu2(torch.autograd.Function):
 def cpu_relu2(x: torch.Tensor) -> torch.Tensor:
     """Squared ReLU through ``relu2`` / ``relu2_backward`` under autograd (float32 CPU); otherwise the model's own
     `moe._relu2` (without autograd it runs in place, which no kernel beats)."""
-    if (build.kernel_ops() is not None and _needs_grad(x) and x.device.type == "cpu" and x.dtype == torch.float32
-            and x.is_contiguous()):
+    if build.kernel_ops() is not None and _needs_grad(x) and _plain_f32(x) and x.is_contiguous():
         return _Relu2.apply(x)
     return _relu2(x)
 

@@ -429,7 +429,7 @@ class Nemotron3ForCausalLM(Nemotron3PreTrainedModel, GenerationMixin):
     def loss_function(self):
         """transformers' loss lookup (a loss set on the model, else ``LOSS_MAPPING[self.loss_type]``), except that
         the default causal-LM loss is `loss.causal_lm_loss`: the same contract and value as ``ForCausalLMLoss``,
-        with a cross entropy that exponentiates once (faster on CPU)."""
+        with a row-blocked cross entropy that keeps no ``[tokens, vocab]`` tensor of its own (faster on CPU)."""
         if not hasattr(self, "_loss_function") and getattr(self, "loss_type", None) == "ForCausalLM":
             return causal_lm_loss
         return super().loss_function

@@ -432,6 +432,10 @@ class _StatePass(torch.autograd.Function):
     five ops per chunk on its record of the loop (a sequential pass over small tensors, ~20 % of the scan's
     backward on the small benchmark model). With ``in_scale`` (per chunk and head) the chunk states are scaled
     inside the loop, on chunk-sized slices, instead of by a pass over all of them.
+
+    The pairwise form calls it without ``in_scale``; the factored form runs the same two helpers
+    (`_state_pass_forward` / `_state_pass_backward`) inside `_FactoredCore`, and this Function with ``in_scale`` is
+    how the tests check those helpers against `state_pass_reference`.
     """
 
     @staticmethod
